@@ -1,0 +1,3 @@
+from fluxguard.cli import main
+
+main()

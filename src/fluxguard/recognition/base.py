@@ -1,0 +1,121 @@
+"""The contract every face-recognition model of the zoo fulfils.
+
+A recognizer takes a photo (or any crop) plus the five ArcFace landmarks of each face in that image's pixel
+coordinates, builds its *own* input crop with a differentiable similarity warp to its own template, normalises
+the pixels as its training did, and returns L2-normalised embeddings. One perturbation of the photo therefore
+serves every model, each seeing the face the way it was trained to.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fluxguard.faces.align import estimate_similarity, warp_affine
+
+FARS = ("1e-1", "1e-2", "1e-3")
+THRESHOLDS_FILE = Path(__file__).with_name("thresholds.json")
+
+
+@dataclass(frozen=True)
+class CropSpec:
+    """How a model's input crop is cut: ``size`` px square, the five landmarks mapped onto ``template``."""
+
+    size: int
+    template: tuple[tuple[float, float], ...]
+
+    def points(self) -> np.ndarray:
+        return np.asarray(self.template, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class RecognizerSpec:
+    name: str
+    family: str
+    embedding_size: int
+    input: str  # human-readable: size, colour order, normalisation
+    crop: CropSpec
+    source: str  # registry package + version + file the weights come from
+    source_sha256: str
+    license: str
+    weights_file: str | None  # file in fluxguard/weights; None when not shipped (converted on the fly)
+    notes: str = ""
+    thresholds: dict[str, float] = field(default_factory=dict)  # FAR ("1e-1", ...) -> cosine threshold
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "family": self.family,
+            "embedding_size": self.embedding_size,
+            "input": self.input,
+            "crop_size": self.crop.size,
+            "source": self.source,
+            "source_sha256": self.source_sha256,
+            "license": self.license,
+            "shipped": self.weights_file is not None,
+            "thresholds": self.thresholds,
+            "notes": self.notes,
+        }
+
+
+def load_thresholds(name: str) -> dict[str, float]:
+    """Calibrated cosine thresholds of one model (empty when not calibrated yet)."""
+    if not THRESHOLDS_FILE.is_file():
+        return {}
+    table = json.loads(THRESHOLDS_FILE.read_text())
+    return {k: float(v) for k, v in table.get("models", {}).get(name, {}).get("thresholds", {}).items()}
+
+
+class FaceRecognizer(nn.Module, ABC):
+    """A frozen FR model in eval mode: ``forward(image, landmarks) -> (B, D)`` unit-norm embeddings."""
+
+    spec: ClassVar[RecognizerSpec]
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def calibrated_spec(self) -> RecognizerSpec:
+        return replace(self.spec, thresholds=load_thresholds(self.spec.name) or dict(self.spec.thresholds))
+
+    def threshold(self, far: str = "1e-2") -> float:
+        th = self.calibrated_spec().thresholds
+        if far not in th:
+            raise KeyError(f"{self.spec.name} has no calibrated threshold at FAR {far}; run `fluxguard calibrate`")
+        return th[far]
+
+    def crop(self, image: torch.Tensor, landmarks: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """This model's input crop, (B, 3, S, S) in [0, 1], differentiable with respect to ``image``."""
+        lm = torch.as_tensor(np.asarray(landmarks) if not torch.is_tensor(landmarks) else landmarks)
+        if lm.dim() == 2:
+            lm = lm[None]
+        if lm.shape[0] == 1 and image.shape[0] > 1:
+            lm = lm.expand(image.shape[0], 5, 2)
+        m = estimate_similarity(lm.detach().cpu(), self.spec.crop.points())
+        s = self.spec.crop.size
+        return warp_affine(image, m, (s, s))
+
+    def forward(self, image: torch.Tensor, landmarks: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Embed the faces of ``image`` ((B, 3, H, W) RGB in [0, 1]) given their (B, 5, 2) landmarks."""
+        return F.normalize(self.embed_crop(self.crop(image, landmarks)).float(), dim=-1)
+
+    @abstractmethod
+    def embed_crop(self, crop: torch.Tensor) -> torch.Tensor:
+        """Raw embeddings of (B, 3, S, S) RGB [0, 1] crops already cut to ``spec.crop`` (normalisation inside)."""
+
+    def freeze(self) -> FaceRecognizer:
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self
