@@ -13,6 +13,7 @@ the bottom/right, and so does this port. Global average pool, then a 256x128 fc 
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fluxguard.errors import FluxguardError
 from fluxguard.recognition.base import CropSpec, FaceRecognizer, RecognizerSpec
 
 # (channels, first block of its stage downsamples) for the 14 residual blocks, input to output.
@@ -234,18 +236,20 @@ class DlibResNet(FaceRecognizer):
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+            meta = json.loads((f.metadata() or {}).get("fluxguard", "{}"))
             sd = {k: f.get_tensor(k) for k in f.keys()}
-        return cls(sd, (float(meta["mean_r"]), float(meta["mean_g"]), float(meta["mean_b"])))
+        if "mean_rgb" not in meta:
+            raise FluxguardError("not a dlib-resnet weights file (no mean_rgb metadata)", path=path)
+        return cls(sd, tuple(meta["mean_rgb"]))
 
     def save(self, path: str | Path, dtype: torch.dtype = torch.float16, metadata: dict[str, str] | None = None) -> None:
         """Write the weights (as ``dtype``) and the input means to a safetensors file."""
         from safetensors.torch import save_file
 
-        m = self.mean.flatten().tolist()
-        meta = {**(metadata or {}), "mean_r": repr(m[0]), "mean_g": repr(m[1]), "mean_b": repr(m[2])}
+        # one metadata key: safetensors writes several in random order, and the file should be byte-reproducible
+        meta = {**(metadata or {}), "mean_rgb": self.mean.flatten().tolist()}
         save_file({k: v.detach().to(dtype).contiguous() for k, v in self.net.state_dict().items()}, str(path),
-                  metadata=meta)
+                  metadata={"fluxguard": json.dumps(meta, sort_keys=True)})
 
     def embed_crop(self, crop: torch.Tensor) -> torch.Tensor:
         return self.net((crop * 255.0 - self.mean) / 256.0)

@@ -9,7 +9,7 @@ TF's layout means every axis-dependent op (Reshape, Squeeze, Mean, ConcatV2, ...
 SAME padding is reproduced exactly, including TF's asymmetric split for even kernels or strides > 1.
 
 A graph can be saved to a single safetensors file: the float constants as tensors and the node list as JSON in the
-file's metadata (``tfjs_graph``). Integer constants (shapes, paddings, axes) travel in the node list.
+file's metadata (``tfjs_graph``; a byte-reproducible file for the same graph). Integer constants (shapes, paddings, axes) travel in the node list.
 
 Typical use::
 
@@ -433,7 +433,10 @@ class TFJSGraph(nn.Module):
 
     def save_safetensors(self, path: str | Path, dtype: torch.dtype = torch.float32,
                          metadata: dict[str, str] | None = None) -> None:
-        """Write constants (as ``dtype``) and the node list (only what ``outputs`` need) to one safetensors file."""
+        """Write constants (as ``dtype``) and the node list (only what ``outputs`` need) to one safetensors file.
+
+        ``metadata`` (e.g. the source file and its sha256) is kept under ``info`` in the graph JSON.
+        """
         from safetensors.torch import save_file
 
         live = {n.name for n in self.nodes}
@@ -443,9 +446,10 @@ class TFJSGraph(nn.Module):
             "nodes": [n.to_json() for n in self.nodes],
             "statics": {k: v for k, v in self.statics.items() if k in live},
             "outputs": self.outputs,
+            "info": dict(sorted((metadata or {}).items())),
         }
-        meta = {**(metadata or {}), _METADATA_KEY: json.dumps(graph, separators=(",", ":"))}
-        save_file(tensors, str(path), metadata=meta)
+        # one metadata key: safetensors writes several in random order, and the file should be byte-reproducible
+        save_file(tensors, str(path), metadata={_METADATA_KEY: json.dumps(graph, separators=(",", ":"))})
 
     def const(self, name: str) -> torch.Tensor:
         """The float constant of node ``name``."""
