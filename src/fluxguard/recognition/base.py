@@ -153,9 +153,9 @@ class FaceRecognizer(nn.Module, ABC):
         raise FluxguardError(f"FR model {cls.spec.name!r} has no converter")
 
     @classmethod
-    @abstractmethod
     def from_file(cls, path: Path) -> FaceRecognizer:
-        """Build the model from a safetensors file written by scripts/convert_fr_models.py."""
+        """Build the model from a safetensors file written by scripts/convert_fr_models.py (models with weights)."""
+        raise FluxguardError(f"FR model {cls.spec.name!r} cannot be loaded from a file", path=path)
 
     @classmethod
     def load(cls, device: str | torch.device = "cpu", download: bool = True) -> FaceRecognizer:
