@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from fluxguard.data import find_faces_dir, list_photos, split_of  # noqa: E402
 from fluxguard.faces.align import estimate_similarity  # noqa: E402
+from fluxguard.recognition.calibration import main_face, read_rgb  # noqa: E402
 
 LOOSE_FACTOR = 1.4
 
@@ -84,8 +85,6 @@ def check_dlib_pixels(root: Path, key: str, face: dict) -> float:
     import cv2
     import dlib
 
-    from fluxguard.recognition.calibration import read_rgb
-
     rgb = read_rgb(root / key)
     rect = dlib.rectangle(*[int(round(v)) for v in face["box"]])
     det = dlib.full_object_detection(rect, [dlib.point(int(x), int(y)) for x, y in face["shape5"]])
@@ -109,7 +108,10 @@ def main() -> None:
             if ph.identity and split_of(ph.identity) == args.split}
     dlib_pairs, loose_pairs, pix = [], [], []
     for key in sorted(keys & set(dl)):
-        for face in dl[key]:
+        if not dl[key]:
+            continue
+        main = main_face(dl[key], read_rgb(root / key).shape)  # one face per photo: the labelled person
+        for face in [f for f in dl[key] if np.allclose(f["landmarks"], main)]:
             lm = np.asarray(face["landmarks"], dtype=np.float64)
             box = face["box"]
             if lmk is not None:
