@@ -45,10 +45,10 @@ def models(
 @friendly_errors
 def calibrate(
     data: Path = typer.Option(..., "--data", help="Face-photo folder laid out like ../shared/faces."),
-    out: Path = typer.Option(None, "--out", help="Where to write the thresholds (default: the package's "
+    out: Path | None = typer.Option(None, "--out", help="Where to write the thresholds (default: the package's "
                              "recognition/thresholds.json)."),
-    fr_models: str = typer.Option(None, "--models", help="Comma-separated FR models (default: those on disk)."),
-    landmarks: Path = typer.Option(None, "--landmarks", help="JSON of precomputed landmarks per photo, instead of "
+    fr_models: str | None = typer.Option(None, "--models", help="Comma-separated FR models (default: those on disk)."),
+    landmarks: Path | None = typer.Option(None, "--landmarks", help="JSON of precomputed landmarks per photo, instead of "
                                    "running the face detector."),
     split: str = typer.Option("calib", "--split", help="Identity split to use (calib | eval | train)."),
 ) -> None:
@@ -73,7 +73,8 @@ def calibrate(
     records = gather_faces(data, split, landmark_file=landmarks, cache=cache)
     console.print(f"{len(records)} faces of {len({r.identity for r in records})} {split} identities")
     table = run_calibration({n: load_recognizer(n) for n in names}, records,
-                            data_note=f"{data.resolve().name}, split {split}",
+                            data_note=f"labelled photos of data folder {data.resolve().name!r}, identities of the "
+                                      f"{split!r} split (fluxguard.data.split_of), main face per photo",
                             landmark_source=str(landmarks.name) if landmarks else "fluxguard.faces.detect")
     dest = out or THRESHOLDS_FILE
     if dest.is_file():  # keep the models not recalibrated now
