@@ -33,15 +33,20 @@ class IdentityLoss(nn.Module):
             self.refs = [r(ref, self.landmarks).detach() for r in self.recognizers]
         self.impersonate = target is not None
 
-    def similarities(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Per model, the (B,) cosine of ``images`` to the reference identity."""
-        if int(images.shape[-1]) != self.size:
-            raise ValueError(f"expected {self.size}px crops, got {tuple(images.shape)}")
-        return [(r(images, self.landmarks) * ref).sum(-1) for r, ref in zip(self.recognizers, self.refs, strict=True)]
+    def similarities(self, images: torch.Tensor, landmarks: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Per model, the (B,) cosine of ``images`` to the reference identity.
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        ``landmarks`` ((B, 5, 2) in ``images`` coordinates) overrides the fixed template, e.g. for input diversity.
+        """
+        if landmarks is None:
+            if int(images.shape[-1]) != self.size:
+                raise ValueError(f"expected {self.size}px crops, got {tuple(images.shape)}")
+            landmarks = self.landmarks
+        return [(r(images, landmarks) * ref).sum(-1) for r, ref in zip(self.recognizers, self.refs, strict=True)]
+
+    def forward(self, images: torch.Tensor, landmarks: torch.Tensor | None = None) -> torch.Tensor:
         """(B,) loss: mean cosine (dodging) or 1 - mean cosine (impersonation)."""
-        cos = torch.stack(self.similarities(images)).mean(0)
+        cos = torch.stack(self.similarities(images, landmarks)).mean(0)
         return 1.0 - cos if self.impersonate else cos
 
     def names(self) -> list[str]:
