@@ -301,11 +301,6 @@ class SDBackend:
             x0 = x0.clamp(-r, r)
         return a_to.sqrt() * x0 + (1 - a_to).sqrt() * eps
 
-    def denoise_step(self, latents: torch.Tensor, t: int, embedding: torch.Tensor, num_steps: int) -> torch.Tensor:
-        """One DDIM denoising step of a ``num_steps`` schedule: ``latents`` at ``t`` to ``t - 1000/num_steps``."""
-        eps = self.predict_noise(latents, t, embedding)
-        return self.ddim_step(latents.float(), eps, int(t), int(t) - self.step_size(num_steps))
-
 
 def load_backend(model: str | Path | SDBackend, **kwargs: Any) -> SDBackend:
     """An :class:`SDBackend` from a backend (returned as is), a hub id or a folder."""

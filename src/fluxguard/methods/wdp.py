@@ -404,6 +404,8 @@ class WDP(ProtectionMethod):
         self._check_inputs(crops, target)
         backend = self.backend
         dev = backend.device
+        for r in self.recognizers:  # the identity loss runs on the decoder's output, on the model's device
+            r.to(dev)
         crops = crops.detach().to(dev, torch.float32)
         target = None if target is None else target.detach().to(dev, torch.float32)
         if generator is None:
