@@ -1,4 +1,4 @@
-"""Protection methods: one module each, one line each in ``METHODS``."""
+"""Protection methods: one module each, one line each in ``METHODS`` (loaded lazily by name)."""
 
 from fluxguard.methods.base import MethodResult, Mode, ProtectionMethod
 from fluxguard.registry import Registry
@@ -7,6 +7,7 @@ METHODS: Registry[type[ProtectionMethod]] = Registry(
     "method",
     {
         "pgd": "fluxguard.methods.pgd:PGD",
+        "wdp": "fluxguard.methods.wdp:WDP",
     },
 )
 
