@@ -277,7 +277,7 @@ def test_bad_inputs(backend, face):
     with pytest.raises(ValueError, match="multiple of 16"):
         make(backend).protect_faces(torch.rand(1, 3, 60, 60))
     with pytest.raises(ConfigError, match="names no facial region"):
-        make(backend, edit_prompt="A person in a museum", num_steps=2, attack_start=2, fusion_end=2).protect_faces(face)
+        make(backend, edit_prompt="A person in a museum", num_steps=2, attack_start=2, fusion_start=0, fusion_end=2).protect_faces(face)
 
 
 def test_registries():
