@@ -10,8 +10,14 @@ import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from fluxguard.errors import FluxguardError
+
+if TYPE_CHECKING:
+    import torch
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,3 +75,48 @@ def identity_groups(photos: list[Photo], min_photos: int = 2) -> dict[str, list[
         if ph.identity is not None:
             groups.setdefault(ph.identity, []).append(ph)
     return {k: sorted(v, key=lambda p: p.path.name) for k, v in sorted(groups.items()) if len(v) >= min_photos}
+
+
+@dataclass(frozen=True)
+class SampleFace:
+    """A real face photo that ships inside an installed package, with its five ArcFace landmarks."""
+
+    name: str
+    rgb: np.ndarray  # (H, W, 3) uint8
+    landmarks: np.ndarray  # (5, 2) ArcFace order, photo pixels
+
+    @property
+    def image(self) -> torch.Tensor:
+        """(1, 3, H, W) float in [0, 1]."""
+        import torch
+
+        return torch.from_numpy(self.rgb).permute(2, 0, 1)[None].float() / 255.0
+
+
+# ArcFace 5 points measured once with dlib's 68-point predictor (eye centres, nose tip 30, mouth corners 48/54).
+_SAMPLE_LANDMARKS = {
+    "astronaut": [[203.17, 101.5], [246.5, 104.17], [225.0, 127.0], [201.0, 139.0], [246.0, 141.0]],
+    "grace_hopper": [[223.67, 192.33], [305.33, 189.17], [267.0, 238.0], [233.0, 281.0], [300.0, 277.0]],
+}
+
+
+def package_faces(mirrored: bool = False) -> list[SampleFace]:
+    """Public-domain faces shipped by scikit-image (astronaut Eileen Collins) and matplotlib (Grace Hopper).
+
+    Data-free tests and demos use them. With ``mirrored`` each is also returned flipped left-right (a different
+    input with known landmarks).
+    """
+    import matplotlib.cbook
+    import skimage.data
+    from PIL import Image
+
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+        hopper = np.array(Image.open(f).convert("RGB"))
+    faces = [SampleFace("astronaut", skimage.data.astronaut(), np.array(_SAMPLE_LANDMARKS["astronaut"])),
+             SampleFace("grace_hopper", hopper, np.array(_SAMPLE_LANDMARKS["grace_hopper"]))]
+    if mirrored:
+        for f in list(faces):
+            lm = f.landmarks.copy()
+            lm[:, 0] = f.rgb.shape[1] - 1 - lm[:, 0]
+            faces.append(SampleFace(f"{f.name}_mirrored", np.ascontiguousarray(f.rgb[:, ::-1]), lm[[1, 0, 2, 4, 3]]))
+    return faces
