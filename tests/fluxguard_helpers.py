@@ -32,28 +32,19 @@ class RandomConvFR(FaceRecognizer):
             self.register_buffer("center", self.net(torch.zeros(1, 3, 112, 112)))
         self.freeze()
 
+    @classmethod
+    def from_file(cls, path):  # noqa: ANN001, ANN206 - random weights have no file
+        raise NotImplementedError("RandomConvFR has random weights")
+
     def embed_crop(self, crop: torch.Tensor) -> torch.Tensor:
         return self.net(crop * 2 - 1) - self.center
 
 
-def astronaut_landmarks() -> tuple[np.ndarray, np.ndarray]:
-    """The astronaut photo (skimage, a real face shipped in a package) and its 5 ArcFace landmarks via dlib 68."""
-    import dlib
-    import face_recognition_models
-    from skimage.data import astronaut
-
-    img = astronaut()
-    det = dlib.get_frontal_face_detector()(img, 1)[0]
-    pts = dlib.shape_predictor(face_recognition_models.pose_predictor_model_location())(img, det)
-    p = np.array([[q.x, q.y] for q in pts.parts()], dtype=np.float64)
-    five = np.stack([p[36:42].mean(0), p[42:48].mean(0), p[30], p[48], p[54]])
-    return img, five
-
-
 def astronaut_crop(size: int) -> torch.Tensor:
-    """(1, 3, size, size) aligned portrait crop of the astronaut, RGB [0, 1]."""
+    """(1, 3, size, size) aligned portrait crop of the astronaut (skimage's public-domain photo), RGB [0, 1]."""
+    from fluxguard.data import package_faces
     from fluxguard.faces.align import align_faces
 
-    img, five = astronaut_landmarks()
-    photo = torch.from_numpy(img).permute(2, 0, 1).float() / 255
-    return align_faces(photo, five, size)[0].crop[None]
+    f = package_faces()[0]
+    photo = torch.from_numpy(f.rgb).permute(2, 0, 1).float() / 255
+    return align_faces(photo, f.landmarks, size)[0].crop[None]

