@@ -293,11 +293,15 @@ def test_attack_with_a_real_fr_model(backend, face, name):
     from fluxguard.recognition import load_recognizer
 
     fr = load_recognizer(name, download=False)
-    m = FluxGuard([fr], config=FluxGuardConfig(crop_size=SIZE, adam_steps=4, adam_lr=0.005, num_steps=10,
-                                               attack_start=8, fusion_start=2, fusion_end=8), backend=backend)
-    res = m.protect_faces(face)
+    # a fixed, identity-dominated weight: on the tiny random VAE the adaptive weight drops to w_min within a step
+    # or two, which makes the outcome depend on rounding; the weighting itself is tested above
+    cfg = FluxGuardConfig(crop_size=SIZE, adam_steps=4, adam_lr=0.005, adaptive_weight=False, perceptual_weight=0.1,
+                          num_steps=10, attack_start=8, fusion_start=2, fusion_end=8)
+    res = FluxGuard([fr], config=cfg, backend=backend).protect_faces(face)
     lm = torch.as_tensor(portrait_template(SIZE))
     with torch.no_grad():
         e_src = fr(face, lm)
-        assert float((fr(res.crops, lm) * e_src).sum()) < float((fr(res.info["clean_crops"], lm) * e_src).sum())
+        cos_adv = float((fr(res.crops, lm) * e_src).sum())
+        assert cos_adv < float((fr(res.info["clean_crops"], lm) * e_src).sum()) - 0.02
+    assert all(h["w_id"] == 1.0 for h in res.history)
     assert all(p.grad is None for p in fr.parameters())
