@@ -305,3 +305,19 @@ def test_attack_with_a_real_fr_model(backend, face, name):
         assert cos_adv < float((fr(res.info["clean_crops"], lm) * e_src).sum()) - 0.02
     assert all(h["w_id"] == 1.0 for h in res.history)
     assert all(p.grad is None for p in fr.parameters())
+
+
+def test_whole_image_with_landmarks(backend):
+    from fluxguard.data import package_faces
+    from fluxguard.losses.identity import IdentityLoss
+
+    f = package_faces()[0]
+    img = torch.nn.functional.interpolate(torch.from_numpy(f.rgb).permute(2, 0, 1).float()[None] / 255,
+                                          size=(128, 128), mode="bicubic", align_corners=False).clamp(0, 1)
+    lm = torch.as_tensor(f.landmarks * 128 / 512)[None]
+    m = make(backend, crop_size=128, adam_steps=1, num_steps=4, attack_start=3, fusion_start=1, fusion_end=3)
+    res = m.protect_faces(img, landmarks=lm)
+    assert res.crops.shape == img.shape and res.info["regions"][0] == ["lips", "hair"]
+    fr = m.recognizers[0]
+    loss = IdentityLoss([fr], img, landmarks=lm)
+    assert torch.allclose(loss(img), fr(img, lm).pow(2).sum(-1))  # the source's own cosine is 1 with its landmarks

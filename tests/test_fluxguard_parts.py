@@ -151,3 +151,11 @@ def test_dlib_regions_and_latent_mask(crops):
     assert (m["skin"] & m["lips"]).sum() == 0 and (m["cheeks"] & ~m["skin"].astype(bool)).sum() == 0
     tok = latent_token_mask(torch.from_numpy(m["lips"].astype(np.float32)), 16, 16)
     assert tok.shape == (256, 1) and 0 < float(tok.max()) <= 1
+
+
+def test_mask_on_an_unaligned_image_with_landmarks():
+    f = package_faces()[0]  # the whole 512x512 astronaut photo, the paper's no-alignment setting
+    img = torch.from_numpy(f.rgb).permute(2, 0, 1).float() / 255
+    lips = build_edit_mask(img, "red lipstick", landmarks5=f.landmarks)
+    iod = np.linalg.norm(f.landmarks[1] - f.landmarks[0])
+    assert np.linalg.norm(_centroid(lips.mask) - f.landmarks[3:].mean(0)) < 0.25 * iod

@@ -76,13 +76,18 @@ class FaceMesh:
         return cls(convert_human_model(MODEL, dest, OUTPUTS, expected_sha256=SOURCE_SHA256, download=download))
 
     @staticmethod
+    def box_from_landmarks(landmarks: np.ndarray) -> tuple[float, float, float]:
+        """(cx, cy, side) of the mesh input square around a face with these 5 ArcFace landmarks."""
+        t = np.asarray(landmarks, dtype=np.float64).reshape(5, 2)
+        c = (t[:2].mean(0) + t[3:].mean(0)) / 2
+        return float(c[0]), float(c[1]), BOX_SCALE * float(np.linalg.norm(t[1] - t[0]))
+
+    @staticmethod
     def template_box(size: int) -> tuple[float, float, float]:
         """(cx, cy, side) of the mesh input square on an aligned portrait crop of ``size`` px."""
         from fluxguard.faces.align import portrait_template
 
-        t = portrait_template(size)
-        c = (t[:2].mean(0) + t[3:].mean(0)) / 2
-        return float(c[0]), float(c[1]), BOX_SCALE * float(np.linalg.norm(t[1] - t[0]))
+        return FaceMesh.box_from_landmarks(portrait_template(size))
 
     @torch.no_grad()
     def run(self, image: torch.Tensor, box: tuple[float, float, float]) -> tuple[np.ndarray, float]:

@@ -235,8 +235,11 @@ class EditMask:
         return 100.0 * float(self.mask.float().mean())
 
 
-def build_edit_mask(crop: torch.Tensor, prompt: str, landmarker: Landmarker | None = None) -> EditMask:
+def build_edit_mask(crop: torch.Tensor, prompt: str, landmarker: Landmarker | None = None,
+                    landmarks5: np.ndarray | None = None) -> EditMask:
     """The edit mask of one aligned portrait crop ((3, S, S) RGB [0, 1]) for ``prompt``.
+
+    ``landmarks5`` (the 5 ArcFace points) locate the face when the image is not an aligned portrait crop.
 
     Raises:
         ConfigError: the prompt names no region.
@@ -245,7 +248,10 @@ def build_edit_mask(crop: torch.Tensor, prompt: str, landmarker: Landmarker | No
     regions = regions_for_prompt(prompt)
     size = int(crop.shape[-1])
     img = (crop.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-    lm = (landmarker or _default_landmarker())(img)
+    if landmarker is None:
+        lm = _default_landmarker()(img, None if landmarks5 is None else np.asarray(landmarks5, dtype=np.float64))
+    else:
+        lm = landmarker(img)
     if lm is None or not np.isfinite(lm).all():
         raise NoFaceError("no face landmarks found in the crop for the edit mask")
     oval = None
@@ -267,7 +273,8 @@ class DefaultLandmarker:
         self._mesh: Any = None
         self._dlib: Dlib68Landmarker | None = None
 
-    def __call__(self, image: np.ndarray) -> np.ndarray:
+    def __call__(self, image: np.ndarray, landmarks5: np.ndarray | None = None) -> np.ndarray:
+        """Landmarks of the face in ``image``; ``landmarks5`` (5 ArcFace points) locate it when not aligned."""
         from fluxguard.errors import FluxguardError
 
         if self._mesh is None:
@@ -280,7 +287,8 @@ class DefaultLandmarker:
                 self._mesh = False
         if self._mesh:
             try:
-                return self._mesh(image)
+                box = None if landmarks5 is None else self._mesh.box_from_landmarks(landmarks5)
+                return self._mesh(image, box)
             except FluxguardError as e:
                 logger.info("FaceMesh: %s; trying dlib", e)
         if self._dlib is None:

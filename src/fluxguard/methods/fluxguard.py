@@ -318,6 +318,8 @@ class FluxGuard(ProtectionMethod):
         generator: torch.Generator | None = None,
         progress: ProgressFn | None = None,
         edit_masks: torch.Tensor | None = None,
+        landmarks: torch.Tensor | None = None,
+        target_landmarks: torch.Tensor | None = None,
     ) -> MethodResult:
         """Protect (B, 3, S, S) aligned portrait crops in [0, 1].
 
@@ -327,6 +329,9 @@ class FluxGuard(ProtectionMethod):
             generator: unused (the method is deterministic), accepted for the common interface.
             progress: ``progress(stage, step, total)`` with stages "invert", "generate", "attack", "faces".
             edit_masks: optional (B, S, S) or (B, 1, S, S) masks in [0, 1] replacing the prompt-derived masks.
+            landmarks: optional (B, 5, 2) ArcFace landmarks of the faces in ``crops`` when they are not aligned
+                portrait crops (e.g. the paper's whole-image 512 resize): the FR models and the edit mask use them.
+            target_landmarks: likewise for ``target``.
 
         Returns:
             MethodResult with the protected crops, one history entry per Adam step (face, step, iter, t, L_id,
@@ -362,10 +367,15 @@ class FluxGuard(ProtectionMethod):
             "perceptual": getattr(perc, "name", type(perc).__name__)}
         for i in range(b_size):
             x = crops[i : i + 1].to(dev, torch.float32)
-            mask, regions = self._edit_mask(crops[i], edit_prompt, None if edit_masks is None else edit_masks[i])
+            lm_i = None if landmarks is None else torch.as_tensor(landmarks, dtype=torch.float64).reshape(-1, 5, 2)[
+                min(i, len(landmarks) - 1)]
+            mask, regions = self._edit_mask(crops[i], edit_prompt, None if edit_masks is None else edit_masks[i],
+                                            lm_i)
             state = _FaceState(self.inject_steps_for(100.0 * float(mask.mean())), regions, 100.0 * float(mask.mean()))
             tgt = None if target is None else target[min(i, target.shape[0] - 1)][None].to(dev, torch.float32)
-            idloss = IdentityLoss(self.recognizers, x, tgt)
+            tlm = None if target_landmarks is None else torch.as_tensor(
+                target_landmarks, dtype=torch.float64).reshape(-1, 5, 2)[min(i, len(target_landmarks) - 1)]
+            idloss = IdentityLoss(self.recognizers, x, tgt, lm_i, tlm)
             za, zc, ts = self._run_face(x, mask, state, src_key, gen_key, idloss, perc, i, history, report)
             with torch.no_grad():
                 out.append(backend.decode(za, size, size).cpu())
@@ -382,8 +392,8 @@ class FluxGuard(ProtectionMethod):
         return MethodResult(crops=torch.cat(out), history=history, info=info)
 
     # ------------------------------------------------------------------ pieces
-    def _edit_mask(self, crop: torch.Tensor, edit_prompt: str | None, user_mask: torch.Tensor | None
-                   ) -> tuple[torch.Tensor, list[str]]:
+    def _edit_mask(self, crop: torch.Tensor, edit_prompt: str | None, user_mask: torch.Tensor | None,
+                   landmarks5: torch.Tensor | None = None) -> tuple[torch.Tensor, list[str]]:
         size = int(crop.shape[-1])
         if user_mask is not None:
             return user_mask.detach().float().clamp(0, 1).cpu(), ["user"]
@@ -391,7 +401,8 @@ class FluxGuard(ProtectionMethod):
             return torch.zeros(size, size), []
         from fluxguard.methods.edit_mask import build_edit_mask
 
-        em = build_edit_mask(crop, edit_prompt, self.landmarker)
+        five = None if landmarks5 is None else landmarks5.numpy()
+        em = build_edit_mask(crop, edit_prompt, self.landmarker, five)
         return em.mask, em.regions
 
     def _run_face(self, x: torch.Tensor, mask: torch.Tensor, state: _FaceState, src_key: str | None,
