@@ -200,13 +200,15 @@ def markdown(report: dict) -> str:
              f"{report['config']['num_steps']} steps, attack from {report['config']['attack_start']}, "
              f"{report['config']['adam_steps']} Adam steps per attack step.", "",
              f"Command: `{report['command']}`", "",
-             "| size | clean branch | s/face | transformer s | forwards (b1/b2) | transformer TFLOP | achieved TFLOP/s | "
+             "| size | clean branch | s/face | transformer s | forwards (b1/b2) | transformer TFLOP | "
+             "achieved TFLOP/s | "
              "vs H100 bf16 peak | peak memory GiB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         f = r["transformer_forwards"]
         lines.append(f"| {r['size']} | {'shared' if r['share_clean_branch'] else 'separate'} | "
-                     f"{r['seconds_per_face']:.2f} | {r['transformer_seconds']:.2f} | {f.get('1', 0)}/{f.get('2', 0)} | "
+                     f"{r['seconds_per_face']:.2f} | {r['transformer_seconds']:.2f} | "
+                     f"{f.get('1', 0)}/{f.get('2', 0)} | "
                      f"{r['transformer_tflop']:.4g} | {r['transformer_tflops_achieved']:.4g} | "
                      f"{100 * r['mfu_vs_h100_bf16']:.3g} % | {r['peak_memory_gib']:.2f} |")
     for size, prof in report.get("profiles", {}).items():
@@ -249,7 +251,8 @@ def main() -> None:
     report: dict = {
         "mode": "tiny CPU smoke run" if a.tiny else "full-size FLUX.1-dev architecture, random weights",
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix().split(str(ROOT) + "/")[-1], *sys.argv[1:]]),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()}, 1 thread)",
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"CPU ({platform.machine()}, 1 thread)"),
         "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""),
         "transformer_params": sum(p.numel() for p in backend.transformer.parameters()),
         "build_seconds": build_s, "fr_models": a.fr, "perceptual": perc.name, "runs": [], "profiles": {},

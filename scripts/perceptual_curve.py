@@ -107,7 +107,8 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--extra-faces", type=int, default=4, help="photos from ../shared/faces besides the 2 package faces")
+    ap.add_argument("--extra-faces", type=int, default=4,
+                    help="photos from ../shared/faces besides the 2 package faces")
     ap.add_argument("--vgg", default=None, help="torchvision VGG19 IMAGENET1K_V1 weights (state dict)")
     ap.add_argument("--tau-ssim", type=float, default=DEFAULT_SSIM_TAU)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))

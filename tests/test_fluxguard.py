@@ -12,6 +12,8 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 pytest.importorskip("dlib")
 
+from fluxguard_helpers import RandomConvFR, astronaut_crop  # noqa: E402
+
 from fluxguard.errors import ConfigError, FluxguardError  # noqa: E402
 from fluxguard.faces.align import portrait_template  # noqa: E402
 from fluxguard.generators.flux import (  # noqa: E402
@@ -33,7 +35,6 @@ from fluxguard.methods.fluxguard import (  # noqa: E402
     rf_solver_step,
     v_injection_blocks,
 )
-from fluxguard_helpers import RandomConvFR, astronaut_crop  # noqa: E402
 
 SIZE = 64
 TABLE_512 = [1.0, .9783, .9557, .9323, .9079, .8825, .8560, .8284, .7996, .7695, .7380, .7050, .6704,
@@ -228,7 +229,8 @@ def test_dodge_lowers_identity_similarity(dodge_run, face):
 
 def test_impersonation_moves_towards_target(backend, face):
     target = torch.flip(astronaut_crop(SIZE), dims=[-2])  # an upside-down face: a different "identity"
-    m = make(backend, mode="impersonate", adam_steps=4, adam_lr=0.005, num_steps=10, attack_start=8, fusion_start=2, fusion_end=8)
+    m = make(backend, mode="impersonate", adam_steps=4, adam_lr=0.005, num_steps=10, attack_start=8, fusion_start=2,
+             fusion_end=8)
     res = m.protect_faces(face, target=target)
     fr = m.recognizers[0]
     lm = torch.as_tensor(portrait_template(SIZE))
@@ -246,7 +248,7 @@ def test_no_gradient_reaches_model_weights(dodge_run):
 
 
 def test_deterministic(backend, face):
-    kw = dict(adam_steps=2, num_steps=8, attack_start=6, fusion_start=2, fusion_end=6)
+    kw = {"adam_steps": 2, "num_steps": 8, "attack_start": 6, "fusion_start": 2, "fusion_end": 6}
     a = make(backend, **kw).protect_faces(face, generator=torch.Generator().manual_seed(0))
     b = make(backend, **kw).protect_faces(face, generator=torch.Generator().manual_seed(0))
     assert torch.equal(a.crops, b.crops)
@@ -254,7 +256,7 @@ def test_deterministic(backend, face):
 
 
 def test_shared_and_separate_clean_branch_agree(backend, face):
-    kw = dict(adam_steps=2, num_steps=8, attack_start=6, fusion_start=2, fusion_end=6)
+    kw = {"adam_steps": 2, "num_steps": 8, "attack_start": 6, "fusion_start": 2, "fusion_end": 6}
     a = make(backend, share_clean_branch=True, **kw).protect_faces(face)
     b = make(backend, share_clean_branch=False, **kw).protect_faces(face)
     assert (a.crops - b.crops).abs().max() < 1e-3
@@ -264,7 +266,7 @@ def test_shared_and_separate_clean_branch_agree(backend, face):
 def test_text_encoder_free_model(lite_dir, face):
     lite = FluxBackend.from_pretrained(lite_dir)
     assert lite.text_free and lite.prompts == [None]
-    kw = dict(adam_steps=2, num_steps=8, attack_start=6, fusion_start=2, fusion_end=6)
+    kw = {"adam_steps": 2, "num_steps": 8, "attack_start": 6, "fusion_start": 2, "fusion_end": 6}
     res = make(lite, **kw).protect_faces(face)
     assert res.crops.shape == face.shape and res.info["edit_prompt"] is None and res.info["regions"] == [[]]
     with pytest.raises(ConfigError, match="no text encoders.*text edits are unavailable"):
@@ -277,7 +279,8 @@ def test_bad_inputs(backend, face):
     with pytest.raises(ValueError, match="multiple of 16"):
         make(backend).protect_faces(torch.rand(1, 3, 60, 60))
     with pytest.raises(ConfigError, match="names no facial region"):
-        make(backend, edit_prompt="A person in a museum", num_steps=2, attack_start=2, fusion_start=0, fusion_end=2).protect_faces(face)
+        make(backend, edit_prompt="A person in a museum", num_steps=2, attack_start=2, fusion_start=0,
+             fusion_end=2).protect_faces(face)
 
 
 def test_registries():
