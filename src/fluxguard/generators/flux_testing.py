@@ -85,16 +85,20 @@ def write_clip_tokenizer(folder: Path) -> None:
 
 
 def write_t5_tokenizer(folder: Path) -> None:
-    """A small Unigram T5 tokenizer.json (pad=0, eos=1, unk=2) trained with the ``tokenizers`` library."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """A small Unigram T5 tokenizer.json (pad=0, eos=1, unk=2) with a fixed vocabulary (no training, so the
+    file, and every embedding made with it, is the same on every run)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     folder.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.Unigram())
+    words = sorted({v for s in _SENTENCES for w in s.replace(",", " ").split() for v in (w, w.lower())})
+    chars = sorted({c for w in words for c in w})
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [(f"▁{w}", -1.0 - 0.01 * i) for i, w in enumerate(words)]
+    vocab += [(c, -5.0) for c in chars]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Metaspace("▁", prepend_scheme="always")
     tok.decoder = decoders.Metaspace("▁", prepend_scheme="always")
-    trainer = trainers.UnigramTrainer(vocab_size=200, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>")
-    tok.train_from_iterator(_SENTENCES, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
                                                        special_tokens=[("</s>", 1)])
     tok.save(str(folder / "tokenizer.json"))
