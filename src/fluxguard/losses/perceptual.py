@@ -107,13 +107,16 @@ class VGGPerceptualLoss(nn.Module):
         self.features.eval().requires_grad_(False)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self._ref: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         """(B,) mean squared difference of relu3_4 activations."""
         fx = self.features((x.float() - self.mean) / self.std)
-        with torch.no_grad():
-            fr = self.features((ref.float() - self.mean) / self.std)
-        return (fx - fr).pow(2).flatten(1).mean(1)
+        # the reference is the same tensor for all Adam steps of one denoising step: embed it once
+        if self._ref is None or self._ref[0] is not ref:
+            with torch.no_grad():
+                self._ref = (ref, self.features((ref.float() - self.mean) / self.std))
+        return (fx - self._ref[1]).pow(2).flatten(1).mean(1)
 
 
 def ms_ssim_distance(x: torch.Tensor, ref: torch.Tensor, window_size: int = 11, max_scales: int = 3) -> torch.Tensor:
