@@ -41,3 +41,52 @@ def dlib_faces(rgb: np.ndarray, upsample: int = 1) -> list[DlibFace]:
         out.append(DlibFace(np.array([r.left(), r.top(), r.right(), r.bottom()], float), lm, sp5(rgb, r), float(s)))
     out.sort(key=lambda f: -(f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
     return out
+
+
+def _detect_padded(rgb: np.ndarray) -> tuple[list[DlibFace], int]:
+    """Detect; tight crops (aligned 112-256 px datasets) get a reflected border so HOG sees some context."""
+    h, w = rgb.shape[:2]
+    pad = int(0.5 * max(h, w)) if max(h, w) <= 400 else 0
+    img = np.pad(rgb, ((pad, pad), (pad, pad), (0, 0)), mode="reflect") if pad else rgb
+    faces = dlib_faces(img, upsample=1 if max(img.shape[:2]) <= 1200 else 0)
+    for f in faces:
+        f.box -= pad
+        f.landmarks -= pad
+    return faces, pad
+
+
+def main() -> None:
+    import argparse
+    import json
+    from pathlib import Path
+
+    from PIL import Image, ImageOps
+
+    from fluxguard.data import find_faces_dir, list_photos, split_of
+
+    ap = argparse.ArgumentParser(description="cache dlib landmarks of labelled photos (calib + eval splits)")
+    ap.add_argument("--data", default=None)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--splits", default="calib,eval")
+    args = ap.parse_args()
+    root = Path(args.data) if args.data else find_faces_dir()
+    out = Path(args.out)
+    cache = json.loads(out.read_text()) if out.is_file() else {}
+    splits = set(args.splits.split(","))
+    photos = [p for p in list_photos(root) if p.identity and split_of(p.identity) in splits]
+    for i, ph in enumerate(photos):
+        key = str(ph.path.relative_to(root))
+        if key in cache:
+            continue
+        rgb = np.asarray(ImageOps.exif_transpose(Image.open(ph.path)).convert("RGB"))
+        faces, pad = _detect_padded(rgb)
+        cache[key] = [{"box": f.box.tolist(), "landmarks": f.landmarks.round(3).tolist(), "score": f.score,
+                       "shape5": [[p.x - pad, p.y - pad] for p in f.shape5.parts()]} for f in faces]
+        if i % 50 == 0:
+            out.write_text(json.dumps(cache))
+            print(i, len(photos), key, len(faces), flush=True)
+    out.write_text(json.dumps(cache))
+
+
+if __name__ == "__main__":
+    main()

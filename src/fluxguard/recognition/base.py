@@ -60,7 +60,7 @@ class RecognizerSpec:
             "crop_size": self.crop.size,
             "source": self.source,
             "source_sha256": self.source_sha256,
-            "license": self.license,
+            "licence": self.license,
             "shipped": self.weights_file is not None,
             "thresholds": self.thresholds,
             "notes": self.notes,
@@ -87,8 +87,10 @@ class FaceRecognizer(nn.Module, ABC):
     def name(self) -> str:
         return self.spec.name
 
-    def calibrated_spec(self) -> RecognizerSpec:
-        return replace(self.spec, thresholds=load_thresholds(self.spec.name) or dict(self.spec.thresholds))
+    @classmethod
+    def calibrated_spec(cls) -> RecognizerSpec:
+        """The spec with the thresholds of ``thresholds.json`` (works on the class: no weights are loaded)."""
+        return replace(cls.spec, thresholds=load_thresholds(cls.spec.name) or dict(cls.spec.thresholds))
 
     def threshold(self, far: str = "1e-2") -> float:
         th = self.calibrated_spec().thresholds
@@ -153,9 +155,9 @@ class FaceRecognizer(nn.Module, ABC):
         raise FluxguardError(f"FR model {cls.spec.name!r} has no converter")
 
     @classmethod
-    @abstractmethod
     def from_file(cls, path: Path) -> FaceRecognizer:
-        """Build the model from a safetensors file written by scripts/convert_fr_models.py."""
+        """Build the model from a safetensors file written by scripts/convert_fr_models.py (models with weights)."""
+        raise FluxguardError(f"FR model {cls.spec.name!r} cannot be loaded from a file", path=path)
 
     @classmethod
     def load(cls, device: str | torch.device = "cpu", download: bool = True) -> FaceRecognizer:
