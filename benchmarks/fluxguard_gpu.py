@@ -230,6 +230,7 @@ def main() -> None:
                     help="FR ensemble (default: mobilefacenet mobileface faceres; tiny: mobileface)")
     ap.add_argument("--perceptual", choices=["vgg-random", "ssim"], default="vgg-random")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--vae-checkpointing", action="store_true", help="recompute VAE decoder activations (memory)")
     ap.add_argument("--no-separate", action="store_true", help="skip the separate-branch (as released) runs")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = ap.parse_args()
@@ -256,6 +257,7 @@ def main() -> None:
         "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""),
         "transformer_params": sum(p.numel() for p in backend.transformer.parameters()),
         "build_seconds": build_s, "fr_models": a.fr, "perceptual": perc.name, "runs": [], "profiles": {},
+        "vae_checkpointing": a.vae_checkpointing,
     }
     import diffusers
 
@@ -265,7 +267,7 @@ def main() -> None:
         flops = transformer_flops(backend, size)
         for share in ([True] if a.no_separate else [True, False]):
             cfg = FluxGuardConfig(crop_size=size, share_clean_branch=share, device=str(device),
-                                  max_sequence_length=text_tokens)
+                                  max_sequence_length=text_tokens, vae_checkpointing=a.vae_checkpointing)
             method = FluxGuard(frs, config=cfg, backend=backend, perceptual=perc)
             report["config"] = {k: getattr(cfg, k) for k in ("num_steps", "attack_start", "adam_steps", "guidance")}
             if device.type == "cuda" and share:

@@ -255,6 +255,16 @@ def test_deterministic(backend, face):
     assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
 
 
+def test_vae_checkpointing_gives_the_same_result(flux_dir, face):
+    kw = {"adam_steps": 2, "num_steps": 6, "attack_start": 4, "fusion_start": 1, "fusion_end": 4}
+    fresh = FluxBackend.from_pretrained(flux_dir, prompts=[PAPER_SOURCE_PROMPT, PAPER_EDIT_PROMPT],
+                                        max_sequence_length=32)
+    a = make(fresh, **kw).protect_faces(face)
+    b = make(fresh, vae_checkpointing=True, **kw).protect_faces(face)
+    assert fresh.vae.decoder.gradient_checkpointing
+    assert torch.allclose(a.crops, b.crops, atol=1e-5)
+
+
 def test_shared_and_separate_clean_branch_agree(backend, face):
     kw = {"adam_steps": 2, "num_steps": 8, "attack_start": 6, "fusion_start": 2, "fusion_end": 6}
     a = make(backend, share_clean_branch=True, **kw).protect_faces(face)

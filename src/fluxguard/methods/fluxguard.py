@@ -97,8 +97,9 @@ class FluxGuardConfig:
     ssim_tau: float = 0.05  # substitute: SSIM distance where w_id halves (see fluxguard.losses.perceptual)
     # resources
     device: str | None = None
-    offload: bool = False
-    store_v_on_cpu: bool = False
+    offload: bool = False  # stream transformer blocks from CPU memory (GPUs with < ~40 GB)
+    store_v_on_cpu: bool = False  # keep the injected V tensors (~1.7 GB at 512, ~5 GB at 1024) in CPU memory
+    vae_checkpointing: bool = False  # recompute VAE decoder activations in the backward pass (less memory)
 
     def validate(self) -> None:
         if self.fusion_index not in FUSION_INDEX:
@@ -226,6 +227,17 @@ class _FaceState:
 class FluxGuard(ProtectionMethod):
     """Flux-Guard on aligned portrait crops (512 px for FLUX.1-dev; any multiple of 16 works).
 
+    Example::
+
+        from fluxguard.methods import METHODS
+        from fluxguard.methods.fluxguard import FluxGuardConfig
+        from fluxguard.recognition import load_recognizer
+
+        frs = [load_recognizer(n, "cuda") for n in ("mobilefacenet", "mobileface", "faceres")]
+        method = METHODS["fluxguard"](frs, config=FluxGuardConfig(model="black-forest-labs/FLUX.1-dev"))
+        result = method.protect_faces(crops)  # (B, 3, 512, 512) aligned portrait crops in [0, 1]
+        result.crops, result.history[-1]  # protected crops; last L_id, L_p, w_id
+
     Args:
         recognizers: white-box FR ensemble (the attack surrogates).
         mode: dodging or impersonation.
@@ -344,6 +356,8 @@ class FluxGuard(ProtectionMethod):
         if self.mode is Mode.DODGE and target is not None:
             raise ValueError("target must be None when dodging")
         b_size, size = crops.shape[0], int(crops.shape[-1])
+        if self.config.vae_checkpointing:
+            self.backend.vae.enable_gradient_checkpointing()
         if target is not None and (target.shape[0] not in (1, b_size) or target.shape[-1] != size):
             raise ValueError(f"target must be (1 or {b_size}, 3, {size}, {size}), got {tuple(target.shape)}")
         if edit_masks is not None:
