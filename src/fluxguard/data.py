@@ -7,11 +7,18 @@ The folder is laid out like ``../shared/faces``: ``identities/<name>/<n>.jpg``, 
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from fluxguard.errors import FluxguardError
+
+if TYPE_CHECKING:
+    import torch
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,6 +69,24 @@ def list_photos(root: str | Path) -> list[Photo]:
     return photos
 
 
+SPLITS = (("calib", 0.4), ("eval", 0.3), ("train", 0.3))
+
+
+def split_of(identity: str) -> str:
+    """The split an identity belongs to: ``"calib"`` (40 %), ``"eval"`` (30 %) or ``"train"`` (30 %).
+
+    Deterministic and stable across machines and data versions: the first 8 bytes of sha1(name) as a fraction in
+    [0, 1). Threshold calibration uses only ``calib`` identities, so evaluation on ``eval`` never sees them.
+    """
+    u = int.from_bytes(hashlib.sha1(identity.encode("utf-8")).digest()[:8], "big") / 2.0**64
+    edge = 0.0
+    for name, share in SPLITS:
+        edge += share
+        if u < edge:
+            return name
+    return SPLITS[-1][0]
+
+
 def identity_groups(photos: list[Photo], min_photos: int = 2) -> dict[str, list[Photo]]:
     """Identities with at least ``min_photos`` photos, sorted by name for determinism."""
     groups: dict[str, list[Photo]] = {}
@@ -92,3 +117,48 @@ def photos_in_split(photos: list[Photo], split: str) -> list[Photo]:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     return [p for p in photos if (split_of(p.identity) if p.identity else "train") == split]
+
+
+@dataclass(frozen=True)
+class SampleFace:
+    """A real face photo that ships inside an installed package, with its five ArcFace landmarks."""
+
+    name: str
+    rgb: np.ndarray  # (H, W, 3) uint8
+    landmarks: np.ndarray  # (5, 2) ArcFace order, photo pixels
+
+    @property
+    def image(self) -> torch.Tensor:
+        """(1, 3, H, W) float in [0, 1]."""
+        import torch
+
+        return torch.from_numpy(self.rgb).permute(2, 0, 1)[None].float() / 255.0
+
+
+# ArcFace 5 points measured once with dlib's 68-point predictor (eye centres, nose tip 30, mouth corners 48/54).
+_SAMPLE_LANDMARKS = {
+    "astronaut": [[203.17, 101.5], [246.5, 104.17], [225.0, 127.0], [201.0, 139.0], [246.0, 141.0]],
+    "grace_hopper": [[223.67, 192.33], [305.33, 189.17], [267.0, 238.0], [233.0, 281.0], [300.0, 277.0]],
+}
+
+
+def package_faces(mirrored: bool = False) -> list[SampleFace]:
+    """Public-domain faces shipped by scikit-image (astronaut Eileen Collins) and matplotlib (Grace Hopper).
+
+    Data-free tests and demos use them. With ``mirrored`` each is also returned flipped left-right (a different
+    input with known landmarks).
+    """
+    import matplotlib.cbook
+    import skimage.data
+    from PIL import Image
+
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+        hopper = np.array(Image.open(f).convert("RGB"))
+    faces = [SampleFace("astronaut", skimage.data.astronaut(), np.array(_SAMPLE_LANDMARKS["astronaut"])),
+             SampleFace("grace_hopper", hopper, np.array(_SAMPLE_LANDMARKS["grace_hopper"]))]
+    if mirrored:
+        for f in list(faces):
+            lm = f.landmarks.copy()
+            lm[:, 0] = f.rgb.shape[1] - 1 - lm[:, 0]
+            faces.append(SampleFace(f"{f.name}_mirrored", np.ascontiguousarray(f.rgb[:, ::-1]), lm[[1, 0, 2, 4, 3]]))
+    return faces

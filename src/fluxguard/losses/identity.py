@@ -31,6 +31,10 @@ class IdentityLoss(nn.Module):
         reduction: ``"mean"`` over models (Flux-Guard, DiffAM) or ``"sum"`` (WDP, CLIP2Protect).
         guide: dodging only: (1 or B, 3, S, S) crop of an identity to move towards while moving away from the
             source.
+        landmarks: (5, 2) or (B, 5, 2) ArcFace landmarks of the faces in ``source`` (and in the images the loss is
+            evaluated on); default: the portrait template, right for aligned crops. Give them for images that are
+            not aligned portrait crops (e.g. a whole photo resized to 512, the paper's protocol).
+        target_landmarks: landmarks of ``target``; default: the portrait template at the target's size.
     """
 
     def __init__(
@@ -38,6 +42,8 @@ class IdentityLoss(nn.Module):
         recognizers: Sequence[FaceRecognizer],
         source: torch.Tensor,
         target: torch.Tensor | None = None,
+        landmarks: torch.Tensor | None = None,
+        target_landmarks: torch.Tensor | None = None,
         *,
         reduction: Literal["mean", "sum"] = "mean",
         guide: torch.Tensor | None = None,
@@ -50,10 +56,18 @@ class IdentityLoss(nn.Module):
         self.recognizers = list(recognizers)
         self.reduction = reduction
         self.size = int(source.shape[-1])
-        self.landmarks = torch.as_tensor(portrait_template(self.size), dtype=torch.float64)
+        tpl = torch.as_tensor(portrait_template(self.size), dtype=torch.float64)
+        self.landmarks = tpl if landmarks is None else torch.as_tensor(landmarks, dtype=torch.float64)
         with torch.no_grad():
-            ref = source if target is None else target
-            self.refs = [r(ref, self.landmarks).detach() for r in self.recognizers]
+            if target is None:
+                ref, ref_lm = source, self.landmarks
+            else:
+                ref = target
+                if target_landmarks is not None:
+                    ref_lm = torch.as_tensor(target_landmarks, dtype=torch.float64)
+                else:
+                    ref_lm = torch.as_tensor(portrait_template(int(target.shape[-1])), dtype=torch.float64)
+            self.refs = [r(ref, ref_lm).detach() for r in self.recognizers]
             self.guides = None if guide is None else [r(guide, self.landmarks).detach() for r in self.recognizers]
         self.impersonate = target is not None
 

