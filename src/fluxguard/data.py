@@ -96,6 +96,29 @@ def identity_groups(photos: list[Photo], min_photos: int = 2) -> dict[str, list[
     return {k: sorted(v, key=lambda p: p.path.name) for k, v in sorted(groups.items()) if len(v) >= min_photos}
 
 
+# Identities are split by a stable hash of their name, so every tool agrees on who is held out: thresholds are
+# calibrated on "calib", methods are evaluated on "eval", and our small models are trained on "train" (plus the
+# unlabeled portraits).
+SPLITS = ("calib", "eval", "train")
+
+
+def split_of(identity: str) -> str:
+    """``"calib"`` (40 %), ``"eval"`` (30 %) or ``"train"`` (30 %) for an identity name; unlabeled photos train."""
+    import hashlib
+
+    if not identity:
+        return "train"
+    bucket = int(hashlib.sha1(identity.encode("utf-8")).hexdigest(), 16) % 10
+    return "calib" if bucket < 4 else "eval" if bucket < 7 else "train"
+
+
+def photos_in_split(photos: list[Photo], split: str) -> list[Photo]:
+    """Photos of one split; unlabeled portraits belong to ``train``."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return [p for p in photos if (split_of(p.identity) if p.identity else "train") == split]
+
+
 @dataclass(frozen=True)
 class SampleFace:
     """A real face photo that ships inside an installed package, with its five ArcFace landmarks."""

@@ -1,0 +1,23 @@
+"""Image input/output: load anything people have, save atomically without metadata."""
+
+from fluxguard.io.image import (
+    DEFAULT_MAX_PIXELS,
+    LoadedImage,
+    encode_image,
+    format_for_path,
+    load_image,
+    output_path,
+    save_image,
+    write_bytes_atomic,
+)
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "LoadedImage",
+    "encode_image",
+    "format_for_path",
+    "load_image",
+    "output_path",
+    "save_image",
+    "write_bytes_atomic",
+]

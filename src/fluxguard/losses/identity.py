@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import nn
@@ -12,38 +13,100 @@ from fluxguard.recognition.base import FaceRecognizer
 
 
 class IdentityLoss(nn.Module):
-    """Mean over models of the cosine that the attack wants to move.
+    """Per-model identity terms the attack minimises, combined by mean (default) or sum over models.
 
-    Dodging: minimise ``cos(F(x), F(source))``. Impersonation: minimise ``1 - cos(F(x), F(target))``.
-    The reference embeddings are computed once, from the clean crops (and the target crop), at construction.
+    Per model m:
+
+    * dodging: ``cos(F_m(x), F_m(source))``;
+    * dodging with a ``guide`` identity (WDP's obfuscation loss,
+      ``(1 - cos(x, guide)) - (1 - cos(x, source))``): ``cos(F_m(x), F_m(source)) - cos(F_m(x), F_m(guide))``;
+    * impersonation: ``1 - cos(F_m(x), F_m(target))``.
+
+    The reference embeddings are computed once, from the clean crops (and the target/guide crop), at construction.
 
     Args:
         recognizers: the attack ensemble.
         source: (B, 3, S, S) clean aligned portrait crops.
         target: (1 or B, 3, S, S) aligned portrait crop of the identity to impersonate, or None to dodge.
+        reduction: ``"mean"`` over models (Flux-Guard, DiffAM) or ``"sum"`` (WDP, CLIP2Protect).
+        guide: dodging only: (1 or B, 3, S, S) crop of an identity to move towards while moving away from the
+            source.
+        landmarks: (5, 2) or (B, 5, 2) ArcFace landmarks of the faces in ``source`` (and in the images the loss is
+            evaluated on); default: the portrait template, right for aligned crops. Give them for images that are
+            not aligned portrait crops (e.g. a whole photo resized to 512, the paper's protocol).
+        target_landmarks: landmarks of ``target``; default: the portrait template at the target's size.
     """
 
-    def __init__(self, recognizers: Sequence[FaceRecognizer], source: torch.Tensor, target: torch.Tensor | None = None):
+    def __init__(
+        self,
+        recognizers: Sequence[FaceRecognizer],
+        source: torch.Tensor,
+        target: torch.Tensor | None = None,
+        landmarks: torch.Tensor | None = None,
+        target_landmarks: torch.Tensor | None = None,
+        *,
+        reduction: Literal["mean", "sum"] = "mean",
+        guide: torch.Tensor | None = None,
+    ):
         super().__init__()
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if target is not None and guide is not None:
+            raise ValueError("a guide identity is for dodging; impersonation already has a target")
         self.recognizers = list(recognizers)
+        self.reduction = reduction
         self.size = int(source.shape[-1])
-        self.landmarks = torch.as_tensor(portrait_template(self.size), dtype=torch.float64)
+        tpl = torch.as_tensor(portrait_template(self.size), dtype=torch.float64)
+        self.landmarks = tpl if landmarks is None else torch.as_tensor(landmarks, dtype=torch.float64)
         with torch.no_grad():
-            ref = source if target is None else target
-            self.refs = [r(ref, self.landmarks).detach() for r in self.recognizers]
+            if target is None:
+                ref, ref_lm = source, self.landmarks
+            else:
+                ref = target
+                if target_landmarks is not None:
+                    ref_lm = torch.as_tensor(target_landmarks, dtype=torch.float64)
+                else:
+                    ref_lm = torch.as_tensor(portrait_template(int(target.shape[-1])), dtype=torch.float64)
+            self.refs = [r(ref, ref_lm).detach() for r in self.recognizers]
+            self.guides = None if guide is None else [r(guide, self.landmarks).detach() for r in self.recognizers]
         self.impersonate = target is not None
 
-    def similarities(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Per model, the (B,) cosine of ``images`` to the reference identity."""
-        if int(images.shape[-1]) != self.size:
-            raise ValueError(f"expected {self.size}px crops, got {tuple(images.shape)}")
-        return [(r(images, self.landmarks) * ref).sum(-1) for r, ref in zip(self.recognizers, self.refs, strict=True)]
+    def embeddings(self, images: torch.Tensor, landmarks: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Per model, the (B, D) unit embeddings of ``images``.
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B,) loss: mean cosine (dodging) or 1 - mean cosine (impersonation)."""
-        cos = torch.stack(self.similarities(images)).mean(0)
-        return 1.0 - cos if self.impersonate else cos
+        ``landmarks`` ((B, 5, 2) in ``images`` coordinates) overrides the fixed template, e.g. for input diversity.
+        """
+        if landmarks is None:
+            if int(images.shape[-1]) != self.size:
+                raise ValueError(f"expected {self.size}px crops, got {tuple(images.shape)}")
+            landmarks = self.landmarks
+        return [r(images, landmarks) for r in self.recognizers]
+
+    def cosines(self, embeddings: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(M, B) cosine of precomputed embeddings to the reference identity (target, else source)."""
+        return torch.stack([(e * ref).sum(-1) for e, ref in zip(embeddings, self.refs, strict=True)])
+
+    def similarities(self, images: torch.Tensor, landmarks: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Per model, the (B,) cosine of ``images`` to the reference identity (target, else source)."""
+        return list(self.cosines(self.embeddings(images, landmarks)))
+
+    def terms(self, embeddings: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(M, B) loss terms of precomputed embeddings, one row per model."""
+        cos = self.cosines(embeddings)
+        if self.impersonate:
+            return 1.0 - cos
+        if self.guides is not None:
+            return cos - torch.stack([(e * g).sum(-1) for e, g in zip(embeddings, self.guides, strict=True)])
+        return cos
+
+    def per_model(self, images: torch.Tensor, landmarks: torch.Tensor | None = None) -> torch.Tensor:
+        """(M, B) loss terms of ``images``, one row per model."""
+        return self.terms(self.embeddings(images, landmarks))
+
+    def forward(self, images: torch.Tensor, landmarks: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) loss: the per-model terms combined by ``reduction``."""
+        terms = self.per_model(images, landmarks)
+        return terms.sum(0) if self.reduction == "sum" else terms.mean(0)
 
     def names(self) -> list[str]:
         return [r.name for r in self.recognizers]
-

@@ -1,0 +1,270 @@
+"""The public Python API: protect every face in a photo with one call.
+
+Example:
+    >>> import fluxguard
+    >>> result = fluxguard.protect("me.jpg", method="pgd")          # doctest: +SKIP
+    >>> result.save("me_protected.jpg")                              # doctest: +SKIP
+    >>> result.faces[0].similarity["mobilefacenet"]                  # doctest: +SKIP
+    {'before': 1.0, 'after': 0.21, 'threshold_far_1e-2': 0.39, 'attacked': True}
+
+A photo goes in, every face is found and aligned, the method changes the aligned crops, and only the change is
+pasted back into the full-resolution photo.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fluxguard.errors import ConfigError, NoFaceError
+from fluxguard.faces.types import Face
+from fluxguard.io import LoadedImage, load_image, save_image
+
+log = logging.getLogger(__name__)
+
+ImageInput = str | os.PathLike[str] | bytes | np.ndarray | LoadedImage
+# progress(stage, step, total): "face 1/2: attack", 3, 50
+ProgressFn = Callable[[str, int, int], None]
+
+DEFAULT_METHOD = "fluxguard"
+
+
+def as_loaded(image: ImageInput, *, max_pixels: int | None = None) -> LoadedImage:
+    """Accept a path, bytes, an (H, W, 3) uint8 array or a LoadedImage."""
+    if isinstance(image, LoadedImage):
+        return image
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
+            raise ConfigError(f"an image array must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+        rgb = np.ascontiguousarray(image[..., :3])
+        return LoadedImage(rgb=rgb, format="PNG", source="<array>")
+    kw = {} if max_pixels is None else {"max_pixels": max_pixels}
+    return load_image(image, **kw)
+
+
+def to_tensor(rgb: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float32 in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(rgb)).to(device).permute(2, 0, 1).float().div_(255.0)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8 (rounded)."""
+    return x.detach().clamp(0, 1).mul(255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+@lru_cache(maxsize=16)
+def _recognizer(name: str, device: str) -> Any:
+    from fluxguard.recognition import load_recognizer
+
+    return load_recognizer(name, device=device)
+
+
+def recognizers(names: Sequence[str] | None = None, device: str = "cpu") -> list:
+    """Loaded FR models (cached per process); ``None`` = every model whose weights ship with fluxguard."""
+    from fluxguard.recognition import shipped_models
+
+    return [_recognizer(n, str(device)) for n in (list(names) if names else shipped_models())]
+
+
+def largest_face(faces: Sequence[Face]) -> Face:
+    return max(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
+
+
+@dataclass
+class FaceResult:
+    """One protected face: where it is, and what FR models say before and after."""
+
+    face: Face
+    # model -> {"before", "after", "threshold_far_1e-2", "attacked"}: cosine of the face to the reference identity
+    # (the original face itself when dodging, the target when impersonating), before and after protection
+    similarity: dict[str, dict[str, Any]] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {**self.face.to_dict(), "similarity": self.similarity}
+
+
+@dataclass
+class ProtectionResult:
+    """What :func:`protect` returns: the protected photo and how it was made."""
+
+    image: np.ndarray  # (H, W, 3) uint8, same size as the input
+    original: LoadedImage
+    faces: list[FaceResult]
+    method: str
+    mode: str
+    params: dict[str, Any]
+    timings: dict[str, float]
+
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False, quality: int | None = None,
+             fmt: str | None = None) -> Path:
+        """Write the protected photo (atomic; no EXIF/GPS/XMP; never over the input)."""
+        return save_image(path, self.image, like=self.original, fmt=fmt, quality=quality, overwrite=overwrite)
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.original.source,
+            "method": self.method,
+            "mode": self.mode,
+            "faces": [f.to_dict() for f in self.faces],
+            "params": self.params,
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+        }
+
+
+class Protector:
+    """Models loaded once, applied to many photos (the batch CLI, the web UI and the evaluation use this).
+
+    Args:
+        method: registry name (``fluxguard.methods.METHODS``).
+        mode: ``"dodge"`` or ``"impersonate"``.
+        fr_models: the attack ensemble (default: every shipped FR model).
+        judges: FR models that report before/after similarity (default: every shipped FR model).
+        strength: a preset of the method (``low``/``medium``/``high``); explicit ``params`` override it.
+        device: ``"cpu"``, ``"cuda"``, ...
+        params: method parameters (see each method's config).
+    """
+
+    def __init__(
+        self,
+        method: str = DEFAULT_METHOD,
+        *,
+        mode: str = "dodge",
+        fr_models: Sequence[str] | None = None,
+        judges: Sequence[str] | None = None,
+        strength: str | None = None,
+        device: str = "cpu",
+        **params: Any,
+    ) -> None:
+        from fluxguard.methods import METHODS
+
+        cls = METHODS[method]
+        self.device = device
+        self.attackers = recognizers(fr_models, device)
+        self.judges = recognizers(judges, device) if judges is not None else recognizers(None, device)
+        presets: dict[str, dict[str, Any]] = getattr(cls, "presets", {})
+        if strength is not None and strength not in presets:
+            raise ConfigError(f"method {method!r} has no strength {strength!r}; valid: {', '.join(presets) or 'none'}")
+        merged = {**(presets.get(strength, {}) if strength else {}), **params}
+        self.method = cls(self.attackers, mode=mode, **merged)
+        self.method_name = method
+        self.strength = strength
+
+    @property
+    def mode(self) -> str:
+        return self.method.mode.value
+
+    def params(self) -> dict[str, Any]:
+        return {**self.method.params(), "strength": self.strength}
+
+    def _similarities(self, photo: torch.Tensor, landmarks: np.ndarray) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return {r.name: r(photo[None], landmarks[None]) for r in self.judges}
+
+    def protect(
+        self,
+        image: ImageInput,
+        *,
+        target: ImageInput | None = None,
+        seed: int = 0,
+        progress: ProgressFn | None = None,
+        max_pixels: int | None = None,
+    ) -> ProtectionResult:
+        from fluxguard.faces import align_faces, paste_back
+        from fluxguard.faces.detect import detect_faces
+
+        t0 = time.perf_counter()
+        timings: dict[str, float] = {}
+        loaded = as_loaded(image, max_pixels=max_pixels)
+        faces = detect_faces(loaded.rgb)
+        timings["detect"] = time.perf_counter() - t0
+        if not faces:
+            raise NoFaceError("no face found in the photo; nothing to protect", path=loaded.source)
+        size = self.method.crop_size
+        photo = to_tensor(loaded.rgb, self.device)
+        aligned = align_faces(photo, [f.landmarks for f in faces], size)
+
+        target_crop = None
+        target_emb: dict[str, torch.Tensor] | None = None
+        if self.method.mode.value == "impersonate":
+            if target is None:
+                raise ConfigError("impersonation needs a target photo (--target PHOTO)")
+            tl = as_loaded(target, max_pixels=max_pixels)
+            tfaces = detect_faces(tl.rgb)
+            if not tfaces:
+                raise NoFaceError("no face found in the target photo", path=tl.source)
+            tface = largest_face(tfaces)
+            tphoto = to_tensor(tl.rgb, self.device)
+            target_crop = align_faces(tphoto, [tface.landmarks], size)[0].crop[None]
+            target_emb = self._similarities(tphoto, tface.landmarks)
+        elif target is not None:
+            raise ConfigError("a target photo was given but the mode is dodge; use --mode impersonate")
+
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        edited, histories = [], []
+        t1 = time.perf_counter()
+        for i, af in enumerate(aligned):
+            stage = f"face {i + 1}/{len(aligned)}"
+            cb = None if progress is None else (lambda s, k, n, _p=stage: progress(f"{_p}: {s}", k, n))
+            res = self.method.protect_faces(af.crop[None], target=target_crop, generator=gen, progress=cb)
+            edited.append(res.crops[0])
+            histories.append(res.history)
+        timings["method"] = time.perf_counter() - t1
+        out = to_uint8(paste_back(photo, aligned, edited))
+
+        t2 = time.perf_counter()
+        protected = to_tensor(out, self.device)
+        attacked = {r.name for r in self.attackers}
+        results = []
+        for face, hist in zip(faces, histories, strict=True):
+            before = self._similarities(photo, face.landmarks)
+            after = self._similarities(protected, face.landmarks)
+            ref = target_emb if target_emb is not None else before
+            sims: dict[str, dict[str, Any]] = {}
+            for r in self.judges:
+                th = r.calibrated_spec().thresholds.get("1e-2")
+                sims[r.name] = {
+                    "before": round(float((before[r.name] * ref[r.name]).sum()), 4),
+                    "after": round(float((after[r.name] * ref[r.name]).sum()), 4),
+                    "threshold_far_1e-2": th,
+                    "attacked": r.name in attacked,
+                }
+            results.append(FaceResult(face=face, similarity=sims, history=hist))
+        timings["score"] = time.perf_counter() - t2
+        timings["total"] = time.perf_counter() - t0
+        return ProtectionResult(
+            image=out,
+            original=loaded,
+            faces=results,
+            method=self.method_name,
+            mode=self.mode,
+            params={**self.params(), "seed": seed},
+            timings=timings,
+        )
+
+
+def protect(
+    image: ImageInput,
+    *,
+    method: str = DEFAULT_METHOD,
+    mode: str = "dodge",
+    target: ImageInput | None = None,
+    fr_models: Sequence[str] | None = None,
+    strength: str | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: ProgressFn | None = None,
+    **params: Any,
+) -> ProtectionResult:
+    """Protect every face in ``image``; see :class:`Protector` for the arguments."""
+    p = Protector(method, mode=mode, fr_models=fr_models, strength=strength, device=device, **params)
+    return p.protect(image, target=target, seed=seed, progress=progress)

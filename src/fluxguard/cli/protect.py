@@ -1,0 +1,230 @@
+"""``fluxguard protect``: files, folders and globs in; protected copies out; a JSON summary; resumable."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from fluxguard.cli import app
+from fluxguard.cli._common import console, friendly_errors, split_names
+from fluxguard.errors import ConfigError, FluxguardError, NoFaceError
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
+SUMMARY_NAME = "fluxguard-summary.json"
+
+# Exit codes of a batch (also listed in --help):
+EXIT_OK = 0  # every photo protected (or already done)
+EXIT_NO_FACE = 3  # no photo failed, but some had no face
+EXIT_SOME_FAILED = 4  # at least one photo failed (unreadable, error while protecting)
+
+
+def expand_inputs(items: list[str], recursive: bool = False) -> list[Path]:
+    """Files as given, image files of folders, and glob patterns (quoted on the shell), in a stable order."""
+    out: list[Path] = []
+    seen: set[Path] = set()
+
+    def add(p: Path) -> None:
+        r = p.resolve()
+        if r not in seen:
+            seen.add(r)
+            out.append(p)
+
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            it = p.rglob("*") if recursive else p.iterdir()
+            for f in sorted(it):
+                if f.is_file() and f.suffix.lower() in IMAGE_EXTS and not f.name.startswith("."):
+                    add(f)
+        elif any(c in item for c in "*?[") and not p.exists():
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                raise ConfigError(f"no file matches {item!r}")
+            for m in matches:
+                if Path(m).is_file():
+                    add(Path(m))
+        else:
+            add(p)  # a missing file is reported per photo, not here
+    return out
+
+
+def parse_params(pairs: list[str]) -> dict[str, Any]:
+    """``--param key=value`` pairs; values parsed as JSON when they look like it (numbers, lists, true/false)."""
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--param expects key=value, got {pair!r}")
+        k, v = pair.split("=", 1)
+        k = k.strip().replace("-", "_")
+        try:
+            params[k] = json.loads(v)
+        except json.JSONDecodeError:
+            params[k] = v
+    return params
+
+
+def _write_summary(path: Path, summary: dict) -> None:
+    from fluxguard.io import write_bytes_atomic
+
+    write_bytes_atomic(path, json.dumps(summary, indent=2).encode(), overwrite=True)
+
+
+@app.command(
+    epilog="Exit codes: 0 all photos protected; 3 some photos had no face; 4 some photos failed; "
+    "1/2 bad arguments or input.\n\n"
+    "Examples:\n\n"
+    "  fluxguard protect --demo --out out/\n\n"
+    "  fluxguard protect holiday/ --out protected/ --strength high\n\n"
+    "  fluxguard protect 'photos/*.jpg' --out protected/ --method pgd --fr-models mobilefacenet,dlib_resnet\n\n"
+    "  fluxguard protect me.jpg --out protected/ --mode impersonate --target someone_else.jpg",
+)
+@friendly_errors
+def protect(
+    photos: list[str] = typer.Argument(None, help="Photos, folders or quoted glob patterns.", show_default=False),
+    out: Path = typer.Option(Path("protected"), "--out", "-o", help="Output folder (created if needed)."),
+    method: str = typer.Option("fluxguard", "--method", "-m", help="Protection method: fluxguard, wdp, pgd."),
+    mode: str = typer.Option("dodge", "--mode", help="dodge (FR must not match you) or impersonate (--target)."),
+    target: Path | None = typer.Option(None, "--target", help="Photo of the identity to impersonate."),
+    fr_models: str | None = typer.Option(None, "--fr-models", help="Attack ensemble, comma-separated "
+                                         "(default: every shipped FR model). See `fluxguard models`."),
+    strength: str | None = typer.Option(None, "--strength", "-s", help="Preset: low, medium or high."),
+    model: str | None = typer.Option(None, "--model", help="Generator weights: a Hugging Face id or a local "
+                                     "folder (FLUX for fluxguard, SD for wdp). Default: the built-in lite models."),
+    edit: str | None = typer.Option(None, "--edit", help="Text edit for fluxguard, e.g. 'red lipstick' "
+                                    "(needs a real FLUX model)."),
+    param: list[str] = typer.Option([], "--param", "-p", help="Method parameter key=value (repeatable); "
+                                     "overrides the preset."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (results are reproducible for a seed)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps ..."),
+    suffix: str = typer.Option("_protected", "--suffix", help="Added to each output file name."),
+    quality: int | None = typer.Option(None, "--quality", min=50, max=100, help="JPEG/WebP quality "
+                                       "(default 95, 4:4:4 chroma)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Redo photos whose output exists."),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into sub-folders."),
+    demo: bool = typer.Option(False, "--demo", help="Protect a sample photo (skimage's astronaut)."),
+    summary: Path | None = typer.Option(None, "--summary", help=f"JSON summary path (default OUT/{SUMMARY_NAME})."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+) -> None:
+    """Protect every face in PHOTOS; write protected copies to OUT (never over the originals)."""
+    from fluxguard.api import Protector
+    from fluxguard.io import load_image, output_path
+
+    params = parse_params(param)
+    if model is not None:
+        params["model"] = model
+    if edit is not None:
+        params["edit"] = edit
+    if demo:
+        if photos:
+            raise ConfigError("--demo protects the built-in sample photo; give either --demo or photos")
+        photos = [str(_demo_photo(out))]
+    if not photos:
+        raise ConfigError("no photos given (try --demo, or see --help)")
+    inputs = expand_inputs(photos, recursive)
+    if not inputs:
+        raise ConfigError("no image files found in the given folders")
+    out.mkdir(parents=True, exist_ok=True)
+    summary_path = summary or out / SUMMARY_NAME
+
+    protector = Protector(method, mode=mode, fr_models=split_names(fr_models), strength=strength, device=device,
+                          **params)
+    record: dict[str, Any] = {
+        "method": method,
+        "mode": mode,
+        "params": protector.params(),
+        "seed": seed,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "photos": [],
+    }
+    counts = {"protected": 0, "skipped": 0, "no_face": 0, "failed": 0}
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=True, disable=json_out and not console.is_terminal) as bar:
+        photos_task = bar.add_task("photos", total=len(inputs))
+        stage_task = bar.add_task("", total=1, visible=False)
+
+        def on_progress(stage: str, step: int, total: int) -> None:
+            bar.update(stage_task, description=f"  {stage}", completed=step, total=total, visible=True)
+
+        for src in inputs:
+            entry: dict[str, Any] = {"input": str(src)}
+            try:
+                loaded = load_image(src)
+                dest = output_path(src, out, loaded.save_format, suffix)
+                entry["output"] = str(dest)
+                if dest.exists() and not overwrite:
+                    entry["status"] = "skipped"  # finished by an earlier run (outputs are written atomically)
+                else:
+                    res = protector.protect(loaded, target=target, seed=seed, progress=on_progress)
+                    res.save(dest, overwrite=overwrite, quality=quality)
+                    entry.update(status="protected", faces=[f.to_dict() for f in res.faces],
+                                 timings={k: round(v, 3) for k, v in res.timings.items()})
+            except NoFaceError as e:
+                entry.update(status="no_face", message=str(e))
+            except FluxguardError as e:
+                entry.update(status="failed", message=str(e))
+                console.print(f"[red]failed:[/] {e}")
+            counts[entry["status"]] += 1
+            record["photos"].append(entry)
+            record["counts"] = counts
+            _write_summary(summary_path, record)  # after every photo: a killed run loses nothing it reported
+            bar.advance(photos_task)
+            bar.update(stage_task, visible=False)
+
+    record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    _write_summary(summary_path, record)
+    if json_out:
+        from fluxguard.cli._common import print_json
+
+        print_json(record)
+    else:
+        _print_table(record)
+    if counts["failed"]:
+        raise typer.Exit(EXIT_SOME_FAILED)
+    if counts["no_face"]:
+        raise typer.Exit(EXIT_NO_FACE)
+
+
+def _demo_photo(out: Path) -> Path:
+    """skimage's astronaut (Eileen Collins, NASA, public domain) written once as a PNG input for --demo."""
+    from skimage import data
+
+    from fluxguard.io import encode_image, write_bytes_atomic
+
+    p = out / "demo_input" / "astronaut.png"
+    if not p.exists():
+        write_bytes_atomic(p, encode_image(data.astronaut(), "PNG"))
+    return p
+
+
+def _print_table(record: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"fluxguard protect — {record['method']} ({record['mode']})", title_justify="left")
+    for col in ("photo", "status", "faces", "FR similarity before → after (attacked*)", "seconds"):
+        table.add_column(col)
+    for e in record["photos"]:
+        sims = []
+        for i, f in enumerate(e.get("faces", [])):
+            parts = [f"{m}{'*' if s['attacked'] else ''} {s['before']:.2f}→{s['after']:.2f}"
+                     for m, s in f["similarity"].items()]
+            sims.append(f"#{i + 1}: " + ", ".join(parts))
+        table.add_row(
+            os.path.basename(e["input"]),
+            e["status"],
+            str(len(e.get("faces", []))),
+            "\n".join(sims) or e.get("message", ""),
+            f"{e['timings']['total']:.1f}" if "timings" in e else "",
+        )
+    console.print(table)
+    c = record["counts"]
+    console.print(f"{c['protected']} protected, {c['skipped']} already done, {c['no_face']} without a face, "
+                  f"{c['failed']} failed.")

@@ -1,0 +1,277 @@
+"""Load any photo people have, and save results without losing or leaking anything.
+
+Loading sniffs the content (never trusts the extension), applies the EXIF orientation, and converts every Pillow
+mode (CMYK, grey, 16-bit, palette, alpha) to 8-bit RGB; transparency is composited on white for the face models and
+kept separately so it can be put back on save. A header that claims more pixels than ``max_pixels`` is refused
+before anything is decoded.
+
+Saving is atomic (a temporary file in the same folder, then a no-clobber link or rename), never writes over an input,
+refuses an existing output unless asked, and writes no EXIF, GPS or XMP metadata.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from fluxguard.errors import ImageError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_PIXELS = 100_000_000  # 100 MP: above any phone or DSLR photo, far below a decompression bomb
+SAVE_FORMATS = {"JPEG", "PNG", "WEBP", "TIFF", "BMP"}
+EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "TIFF": ".tif", "BMP": ".bmp"}
+_EXT_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF",
+                ".bmp": "BMP"}
+# Formats that lose the protective signal if written (palette quantisation) are saved as PNG instead.
+_FALLBACK_FORMAT = {"GIF": "PNG", "MPO": "JPEG", "ICO": "PNG", "PPM": "PNG", "TGA": "PNG", "PCX": "PNG"}
+DEFAULT_JPEG_QUALITY = 95
+
+
+@dataclass
+class LoadedImage:
+    """A decoded photo: 8-bit RGB pixels plus what is needed to save a result like it."""
+
+    rgb: np.ndarray  # (H, W, 3) uint8, EXIF orientation applied, alpha composited on white
+    format: str  # the real (sniffed) format, e.g. "JPEG"
+    source: str  # file path, or "<bytes>"
+    alpha: np.ndarray | None = None  # (H, W) uint8 when the input had transparency
+    mode: str = "RGB"  # the original Pillow mode
+    icc_profile: bytes | None = None  # kept for colour fidelity (it identifies no person or place)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height)."""
+        return int(self.rgb.shape[1]), int(self.rgb.shape[0])
+
+    @property
+    def save_format(self) -> str:
+        """The format a result is written in by default: the input's, unless that format would destroy it."""
+        return _FALLBACK_FORMAT.get(self.format, self.format if self.format in SAVE_FORMATS else "PNG")
+
+
+def _to_rgb_and_alpha(im: Image.Image, source: str) -> tuple[np.ndarray, np.ndarray | None]:
+    mode = im.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        # 16-bit grey (and PNG's 32-bit "I" holding 16-bit data) scaled down to 8 bits
+        peak = 65535.0 if arr.max(initial=0) > 255 or mode.startswith("I;16") else 255.0
+        g = np.clip(np.round(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
+        return np.repeat(g[..., None], 3, axis=2), None
+    if mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        scale = 255.0 if np.nanmax(arr, initial=0) <= 1.0 else 1.0
+        g = np.clip(np.round(np.nan_to_num(arr) * scale), 0, 255).astype(np.uint8)
+        return np.repeat(g[..., None], 3, axis=2), None
+    if mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    elif mode == "P":
+        im = im.convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = np.asarray(im.convert("RGBA"))
+        alpha = rgba[..., 3].copy()
+        a = alpha[..., None].astype(np.float32) / 255.0
+        rgb = np.round(rgba[..., :3].astype(np.float32) * a + 255.0 * (1.0 - a)).astype(np.uint8)
+        return rgb, (alpha if alpha.min() < 255 else None)
+    if im.mode != "RGB":
+        im = im.convert("RGB")  # CMYK, YCbCr, LAB, L, 1 ...
+    return np.ascontiguousarray(np.asarray(im, dtype=np.uint8)), None
+
+
+def load_image(src: str | os.PathLike[str] | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
+    """Decode a photo from a path or from bytes.
+
+    Raises:
+        ImageError: missing file, a folder, not an image (SVG, text, empty), truncated data, or more than
+            ``max_pixels`` pixels; the message names the file and the reason.
+    """
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        data, source = bytes(src), "<bytes>"
+    else:
+        path = Path(src)
+        source = str(path)
+        if not path.exists():
+            raise ImageError("no such file", path=path)
+        if path.is_dir():
+            raise ImageError("is a folder, not an image file", path=path)
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise ImageError(f"cannot read: {e.strerror or e}", path=path) from None
+    if not data:
+        raise ImageError("file is empty", path=source)
+    head = data[:512].lstrip().lower()
+    if head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in data[:4096].lower()):
+        raise ImageError("SVG (vector) images are not supported; export it as PNG or JPEG first", path=source)
+
+    warns: list[str] = []
+    try:
+        with warnings.catch_warnings():
+            # Pillow's own bomb check is replaced by ours (configurable, and an error rather than a warning).
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            saved_limit = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None
+            try:
+                im = Image.open(io.BytesIO(data))
+                w, h = im.size
+                if w * h > max_pixels:
+                    raise ImageError(
+                        f"image is {w}x{h} = {w * h / 1e6:.0f} MP, above the limit of {max_pixels / 1e6:.0f} MP "
+                        "(possible decompression bomb; raise the limit with --max-pixels if the photo is genuine)",
+                        path=source,
+                    )
+                fmt = im.format or "UNKNOWN"
+                n_frames = int(getattr(im, "n_frames", 1) or 1)
+                if n_frames > 1:
+                    im.seek(0)
+                    warns.append(f"{source}: animated image with {n_frames} frames; only the first frame is used")
+                im.load()
+                icc = im.info.get("icc_profile")
+                mode = im.mode
+                im = ImageOps.exif_transpose(im)
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved_limit
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError("not a recognised image format", path=source) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        msg = str(e) or type(e).__name__
+        if "truncated" in msg.lower() or isinstance(e, EOFError):
+            msg = "image data is truncated (incomplete download or copy?)"
+        raise ImageError(f"cannot decode image: {msg}", path=source) from None
+    if im.size[0] < 1 or im.size[1] < 1:
+        raise ImageError("image has no pixels", path=source)
+    rgb, alpha = _to_rgb_and_alpha(im, source)
+    for w_ in warns:
+        log.warning(w_)
+    return LoadedImage(rgb=rgb, format=fmt, source=source, alpha=alpha, mode=mode, icc_profile=icc, warnings=warns)
+
+
+def format_for_path(path: str | os.PathLike[str]) -> str | None:
+    """The save format an extension names, or None."""
+    return _EXT_FORMATS.get(Path(path).suffix.lower())
+
+
+def output_path(input_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], fmt: str,
+                suffix: str = "_protected") -> Path:
+    """``out_dir/<stem><suffix><ext>``: the input's extension when it matches ``fmt``, else the format's own."""
+    p = Path(input_path)
+    ext = p.suffix if _EXT_FORMATS.get(p.suffix.lower()) == fmt else EXTENSIONS[fmt]
+    return Path(out_dir) / f"{p.stem}{suffix}{ext}"
+
+
+def encode_image(
+    rgb: np.ndarray,
+    fmt: str,
+    *,
+    alpha: np.ndarray | None = None,
+    quality: int | None = None,
+    icc_profile: bytes | None = None,
+) -> bytes:
+    """Encode 8-bit RGB (+ optional alpha) to ``fmt`` with no EXIF/GPS/XMP metadata."""
+    fmt = fmt.upper()
+    if fmt == "JPG":
+        fmt = "JPEG"
+    if fmt not in SAVE_FORMATS:
+        raise ImageError(f"cannot write format {fmt!r}; use one of {', '.join(sorted(SAVE_FORMATS))}")
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected (H, W, 3) uint8, got {rgb.shape} {rgb.dtype}")
+    im = Image.fromarray(rgb, "RGB")  # a fresh image carries no info/exif/xmp from the input
+    if alpha is not None and fmt in ("PNG", "WEBP", "TIFF"):
+        im.putalpha(Image.fromarray(alpha, "L"))
+    kw: dict = {}
+    if icc_profile:
+        kw["icc_profile"] = icc_profile
+    if fmt == "JPEG":
+        # 4:4:4 chroma: subsampling would halve the colour resolution of the protective change
+        kw.update(quality=quality or DEFAULT_JPEG_QUALITY, subsampling=0, optimize=True)
+    elif fmt == "WEBP":
+        kw.update(quality=quality or DEFAULT_JPEG_QUALITY, method=4)
+    elif fmt == "PNG":
+        kw.update(optimize=False, compress_level=6)
+    elif fmt == "TIFF":
+        kw.update(compression="tiff_deflate")
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, *, overwrite: bool = False,
+                       inputs: Iterable[str | os.PathLike[str]] = ()) -> Path:
+    """Write ``data`` to ``path`` atomically: readers see the old file or the whole new one, never a part.
+
+    Raises:
+        ImageError: ``path`` is one of ``inputs``, or exists and ``overwrite`` is False.
+    """
+    dest = Path(path)
+    for src in inputs:
+        s = Path(src)
+        if _same_file(dest, s) or dest.resolve() == s.resolve():
+            raise ImageError("refusing to overwrite an input file; choose another output folder", path=dest)
+    if dest.exists() and not overwrite:
+        raise ImageError("output exists; pass --overwrite to replace it", path=dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        if overwrite:
+            os.replace(tmp, dest)
+        else:
+            try:
+                os.link(tmp, dest)  # fails if dest appeared meanwhile: no clobbering, even under a race
+            except FileExistsError:
+                raise ImageError("output exists; pass --overwrite to replace it", path=dest) from None
+            except OSError:
+                os.replace(tmp, dest)  # filesystems without hard links
+            else:
+                os.unlink(tmp)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
+
+
+def save_image(
+    path: str | os.PathLike[str],
+    rgb: np.ndarray,
+    *,
+    like: LoadedImage | None = None,
+    fmt: str | None = None,
+    quality: int | None = None,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike[str]] = (),
+) -> Path:
+    """Save a result next to nothing it could damage.
+
+    The format is ``fmt``, else the one the extension names, else ``like``'s; transparency and the ICC profile of
+    ``like`` are carried over. No EXIF, GPS or XMP is ever written.
+    """
+    fmt = (fmt or format_for_path(path) or (like.save_format if like else None) or "PNG").upper()
+    alpha = like.alpha if like is not None else None
+    if alpha is not None and alpha.shape != rgb.shape[:2]:
+        alpha = None
+    data = encode_image(rgb, fmt, alpha=alpha, quality=quality, icc_profile=like.icc_profile if like else None)
+    extra = [like.source] if like is not None and like.source != "<bytes>" else []
+    return write_bytes_atomic(path, data, overwrite=overwrite, inputs=[*inputs, *extra])
