@@ -57,14 +57,15 @@ def calibrate(
 
     import torch
 
+    from fluxguard.data import SPLITS
     from fluxguard.errors import ConfigError
     from fluxguard.recognition import FR_MODELS, available_models, load_recognizer
     from fluxguard.recognition.base import THRESHOLDS_FILE
     from fluxguard.recognition.calibration import calibrate as run_calibration
     from fluxguard.recognition.calibration import detection_cache_path, gather_faces
 
-    if split not in ("calib", "eval", "train"):
-        raise ConfigError(f"unknown split {split!r}; valid: calib, eval, train")
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     names = split_names(fr_models) or available_models()
     for n in names:
         FR_MODELS[n]  # unknown names fail here, listing the valid ones
