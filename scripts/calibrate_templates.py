@@ -112,6 +112,8 @@ def main() -> None:
         if not dl[key]:
             continue
         main = main_face(dl[key], read_rgb(root / key).shape)  # one face per photo: the labelled person
+        if main is None:
+            continue
         for face in [f for f in dl[key] if np.allclose(f["landmarks"], main)]:
             lm = np.asarray(face["landmarks"], dtype=np.float64)
             box = face["box"]
