@@ -48,8 +48,8 @@ def calibrate(
     out: Path | None = typer.Option(None, "--out", help="Where to write the thresholds (default: the package's "
                              "recognition/thresholds.json)."),
     fr_models: str | None = typer.Option(None, "--models", help="Comma-separated FR models (default: those on disk)."),
-    landmarks: Path | None = typer.Option(None, "--landmarks", help="JSON of precomputed landmarks per photo, instead of "
-                                   "running the face detector."),
+    landmarks: Path | None = typer.Option(None, "--landmarks", help="JSON of precomputed landmarks per photo "
+                                          "(scripts/detect_landmarks.py), instead of running the face detector."),
     split: str = typer.Option("calib", "--split", help="Identity split to use (calib | eval | train)."),
 ) -> None:
     """Cosine thresholds at FAR 1e-1 / 1e-2 / 1e-3 from impostor pairs of the calib-split identities."""
