@@ -43,7 +43,8 @@ def make_unet(args, sample_size: int) -> nn.Module:
     ch = tuple(int(c) for c in args.channels.split(","))
     heads = tuple(int(c) for c in args.heads.split(","))
     n = len(ch)
-    down = ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (n - 1)
+    # attention only at the coarse levels: self-attention over 64x64 or 32x32 latents costs more than the convs
+    down = ["DownBlock2D"] * (n - args.attn_levels) + ["CrossAttnDownBlock2D"] * args.attn_levels
     return UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=args.latent_channels,
@@ -87,6 +88,7 @@ def main() -> None:
     ap.add_argument("--latent-channels", type=int, default=16)
     ap.add_argument("--channels", default="64,96,128")
     ap.add_argument("--heads", default="2,3,4")
+    ap.add_argument("--attn-levels", type=int, default=2, help="coarsest levels with (self+cross) attention")
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--groups", type=int, default=16)
     ap.add_argument("--cross-dim", type=int, default=64)
