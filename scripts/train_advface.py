@@ -142,8 +142,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     tr, va = sel[~is_val], sel[is_val]
     x_tr = torch.from_numpy(tpl_all[tr].reshape(-1, tpl_all.shape[-1]))
     y_tr = torch.from_numpy(np.ascontiguousarray(tgt_all[tr]).reshape(-1, 64, 64, 3)).permute(0, 3, 1, 2).contiguous()
-    x_va = torch.from_numpy(tpl_all[va, 0])
-    y_va = torch.from_numpy(np.ascontiguousarray(tgt_all[va, 0])).permute(0, 3, 1, 2).float() / 255.0
+    views = [0, AUGMENTATIONS // 2]  # clean and mirrored
+    x_va = torch.from_numpy(tpl_all[va][:, views].reshape(-1, tpl_all.shape[-1]))
+    y_va = torch.from_numpy(np.ascontiguousarray(tgt_all[va][:, views]).reshape(-1, 64, 64, 3)).permute(0, 3, 1, 2)
+    y_va = y_va.float() / 255.0
     log.info("%s/%s: %d train samples (%d faces), %d validation faces", args.role, args.model, len(x_tr), len(tr),
              len(va))
 
@@ -151,7 +153,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     net = build_decoder(arch, tpl_all.shape[-1])
     log.info("%s decoder: %d parameters", arch, sum(p.numel() for p in net.parameters()))
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.wd)
-    run = args.cache / "runs" / f"{args.role}-{args.model}"
+    run = args.cache / "runs" / f"{args.role}-{args.model}{args.tag}"
     run.mkdir(parents=True, exist_ok=True)
     step, spent = 0, 0.0
     if args.resume and (run / "last.pt").is_file():
@@ -226,7 +228,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from fluxguard.features.decoders import build_decoder, save_decoder
     from fluxguard.recognition import FR_MODELS
 
-    run = args.cache / "runs" / f"{args.role}-{args.model}"
+    run = args.cache / "runs" / f"{args.role}-{args.model}{args.tag}"
     ck = torch.load(run / args.checkpoint, weights_only=False)
     net = build_decoder(ck["arch"], ck["dim"])
     net.load_state_dict(ck["net"])
@@ -261,10 +263,12 @@ def main() -> None:
     s.add_argument("--log-every", type=int, default=100)
     s.add_argument("--ckpt-every", type=int, default=500)
     s.add_argument("--resume", action="store_true")
+    s.add_argument("--tag", default="", help="suffix of the run folder (experiments)")
     s = sub.add_parser("export")
     s.add_argument("--role", choices=["shadow", "attacker"], required=True)
     s.add_argument("--model", required=True)
-    s.add_argument("--checkpoint", default="final.pt")
+    s.add_argument("--checkpoint", default="best.pt")
+    s.add_argument("--tag", default="")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args.cache.mkdir(parents=True, exist_ok=True)

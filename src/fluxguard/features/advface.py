@@ -116,7 +116,11 @@ def project_to_cap(w: torch.Tensor, z: torch.Tensor, max_angle: float) -> torch.
 def rotate_by(z: torch.Tensor, angle: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Unit rows of ``z`` turned by ``angle`` (per row, radians) towards uniformly random orthogonal directions."""
     u = torch.randn(z.shape, generator=generator, dtype=z.dtype)
-    v = F.normalize(u - (u * z).sum(-1, keepdim=True) * z, dim=-1)
+    u = u - (u * z).sum(-1, keepdim=True) * z
+    # a draw (almost) parallel to z leaves no direction: use another coordinate order of z instead
+    fallback = torch.roll(z, 1, dims=-1)
+    fallback = fallback - (fallback * z).sum(-1, keepdim=True) * z
+    v = F.normalize(torch.where(u.norm(dim=-1, keepdim=True) > 1e-3, u, fallback), dim=-1)
     a = angle.reshape(-1, 1).to(z.dtype)
     return F.normalize(torch.cos(a) * z + torch.sin(a) * v, dim=-1)
 
@@ -155,7 +159,7 @@ class AdvFace:
         self.config = config or AdvFaceConfig()
         self._recognizer = None if isinstance(model, str) else model
         self.model_name = model if isinstance(model, str) else model.spec.name
-        self.model_cls = FR_MODELS[self.model_name]
+        self.model_cls = FR_MODELS[model] if isinstance(model, str) else type(model)
         path = Path(shadow) if shadow is not None else decoder_path("shadow", self.model_name)
         if shadow is None and not path.is_file():
             raise FluxguardError(f"no shipped AdvFace shadow decoder for FR model {self.model_name!r} (train one with "
@@ -211,6 +215,7 @@ class AdvFace:
             raise FluxguardError("templates contain non-finite or all-zero rows")
         z = F.normalize(z, dim=-1)
         gen = generator if generator is not None else torch.Generator().manual_seed(self.config.seed)
+        self._max_delta = 0.0
         parts = [self._protect_batch(z[i:i + self.config.batch], gen) for i in range(0, len(z), self.config.batch)]
         if not parts:
             empty = np.zeros((0, self.dim), np.float32)
@@ -222,8 +227,10 @@ class AdvFace:
             s = torch.cat([ssim(self.shadow(out[i:i + 256]), self.shadow(z[i:i + 256]))
                            for i in range(0, len(z), 256)])
         cos = (out * z).sum(-1)
-        return ProtectionResult(out.numpy(), cos.numpy(), s.numpy(), proj.numpy(), self.config,
-                                {"projected_fraction": float(proj.float().mean())})
+        info = {"projected_fraction": float(proj.float().mean())}
+        if self.config.variant == "A":
+            info["max_abs_image_delta"] = self._max_delta  # of the kept iterates; <= epsilon
+        return ProtectionResult(out.numpy(), cos.numpy(), s.numpy(), proj.numpy(), self.config, info)
 
     def describe(self) -> dict:
         """What a protected template file records about its protection."""
@@ -248,10 +255,8 @@ class AdvFace:
     def _protect_batch(self, z: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             x_s = self.shadow(z)
-        if self.config.variant == "A":
-            out = self._variant_a(z, x_s, gen)
-        else:
-            out = self._variant_b(z, x_s, gen)
+        with torch.enable_grad():  # callers may hold torch.no_grad(); the search needs gradients
+            out = self._variant_a(z, x_s, gen) if self.config.variant == "A" else self._variant_b(z, x_s, gen)
         projected = (out * z).sum(-1) < self.config.min_cosine
         return project_to_cap(out, z, self.config.max_angle), projected
 
@@ -309,6 +314,8 @@ class AdvFace:
                 key = torch.where(ok, 10.0 - sim, cos)
                 better = key > best_key
                 best[better], best_key[better] = zp.detach()[better], key[better]
+                if better.any():
+                    self._max_delta = max(self._max_delta, float(delta.detach()[better].abs().max()))
             if t == cfg.steps:
                 break
             (g,) = torch.autograd.grad(loss.sum(), delta)

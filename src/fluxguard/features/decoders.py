@@ -130,6 +130,8 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor,
                         w_ssim: float = 0.5) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L1 + ``w_ssim`` (1 - SSIM), and its parts (detached) for logging."""
     l1 = F.l1_loss(pred, target)
+    if w_ssim == 0:
+        return l1, {"l1": l1.detach()}
     s = ssim(pred, target).mean()
     return l1 + w_ssim * (1 - s), {"l1": l1.detach(), "ssim": s.detach()}
 
