@@ -8,8 +8,8 @@ Steps (each writes into ``--cache``, default ``$FLUXGUARD_CACHE/advface`` or ``~
 
     python scripts/train_advface.py prepare --data ../shared/faces       # detect, portrait crops (train split)
     python scripts/train_advface.py embed --models dlib-resnet,mobileface  # augmented templates + 64 px targets
-    python scripts/train_advface.py train --role shadow --model mobileface --minutes 12
-    python scripts/train_advface.py train --role attacker --model mobileface --minutes 15
+    python scripts/train_advface.py train --role shadow --model mobileface
+    python scripts/train_advface.py train --role attacker --model mobileface
     python scripts/train_advface.py export --role shadow --model mobileface  # fp16 -> src/fluxguard/weights/advface
 
 Training runs in the foreground; start it with ``nohup ... &`` and follow ``<cache>/runs/<role>-<model>/log.txt``.
@@ -43,9 +43,8 @@ def default_cache() -> Path:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from fluxguard.faces.detect import load_rgb
-
     from fluxguard.data import find_faces_dir
+    from fluxguard.faces.detect import load_rgb
     from fluxguard.features.faceset import collect, detector_landmarks, half_of, portrait_crop
 
     root = Path(args.data) if args.data else find_faces_dir()
@@ -164,15 +163,16 @@ def cmd_train(args: argparse.Namespace) -> None:
         torch.set_rng_state(ck["rng"])
         log.info("resumed at step %d (%.0f s)", step, spent)
     budget = args.minutes * 60.0
-    # cosine learning-rate decay over the time budget (steps/second is measured as we go)
     gen = torch.Generator().manual_seed(args.seed + step)
     best = float("inf")
     t_start = time.perf_counter() - spent
-    while True:
-        elapsed = time.perf_counter() - t_start
-        if elapsed >= budget:
+    # cosine learning-rate decay over --steps; --minutes only caps the run. With a few hundred faces per half the
+    # decoders over-fit after about 6 epochs, so the shipped weights are the best validation checkpoint (best.pt).
+    while step < args.steps:
+        if time.perf_counter() - t_start >= budget:
+            log.info("time budget reached")
             break
-        lr = args.lr * (0.02 + 0.98 * 0.5 * (1 + np.cos(np.pi * min(1.0, elapsed / budget))))
+        lr = args.lr * (0.02 + 0.98 * 0.5 * (1 + np.cos(np.pi * step / args.steps)))
         for g in opt.param_groups:
             g["lr"] = lr
         idx = torch.randint(len(x_tr), (args.batch,), generator=gen)
@@ -226,6 +226,7 @@ def _save_last(run: Path, net: torch.nn.Module, opt: torch.optim.Optimizer, step
 
 def cmd_export(args: argparse.Namespace) -> None:
     from fluxguard.features.decoders import build_decoder, save_decoder
+    from fluxguard.features.evaluate import attackers_dir
     from fluxguard.recognition import FR_MODELS
 
     run = args.cache / "runs" / f"{args.role}-{args.model}{args.tag}"
@@ -233,7 +234,15 @@ def cmd_export(args: argparse.Namespace) -> None:
     net = build_decoder(ck["arch"], ck["dim"])
     net.load_state_dict(ck["net"])
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
-    out = save_decoder(net, FR_MODELS[args.model], role=args.role,
+    # shadows ship with the package; attackers are for evaluation only and go to the cache
+    # (fluxguard.features.evaluate.attackers_dir), unless --out says otherwise
+    if args.out is not None:
+        dest = Path(args.out)
+    elif args.role == "attacker":
+        dest = attackers_dir() / f"attacker-{args.model}.safetensors"
+    else:
+        dest = None
+    out = save_decoder(net, FR_MODELS[args.model], role=args.role, path=dest,
                        extra={"steps": str(ck["step"]), "train_seconds": str(summary.get("seconds", "")),
                               "data": "train split of ../shared/faces, " + args.role + " half"})
     log.info("wrote %s (%.2f MB)", out, out.stat().st_size / 1e6)
@@ -255,12 +264,13 @@ def main() -> None:
     s = sub.add_parser("train")
     s.add_argument("--role", choices=["shadow", "attacker"], required=True)
     s.add_argument("--model", required=True)
-    s.add_argument("--minutes", type=float, default=15.0)
+    s.add_argument("--steps", type=int, default=500)
+    s.add_argument("--minutes", type=float, default=30.0, help="time cap")
     s.add_argument("--batch", type=int, default=64)
     s.add_argument("--lr", type=float, default=2e-3)
-    s.add_argument("--wd", type=float, default=1e-4)
-    s.add_argument("--template-noise", type=float, default=0.0)
-    s.add_argument("--log-every", type=int, default=100)
+    s.add_argument("--wd", type=float, default=0.05)
+    s.add_argument("--template-noise", type=float, default=0.4)
+    s.add_argument("--log-every", type=int, default=50)
     s.add_argument("--ckpt-every", type=int, default=500)
     s.add_argument("--resume", action="store_true")
     s.add_argument("--tag", default="", help="suffix of the run folder (experiments)")
@@ -268,6 +278,7 @@ def main() -> None:
     s.add_argument("--role", choices=["shadow", "attacker"], required=True)
     s.add_argument("--model", required=True)
     s.add_argument("--checkpoint", default="best.pt")
+    s.add_argument("--out", help="file to write (default: the package for shadows, the cache for attackers)")
     s.add_argument("--tag", default="")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")

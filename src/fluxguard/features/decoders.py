@@ -164,6 +164,7 @@ def save_decoder(net: nn.Module, fr_model: type[FaceRecognizer], role: str, path
     tensors = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in net.state_dict().items()}
     tmp = path.with_suffix(".partial")
     save_file(tensors, str(tmp), metadata=meta)
+    tmp.chmod(0o644)
     tmp.replace(path)
     return path
 
