@@ -75,12 +75,14 @@ def test_decoders_shapes_and_file_round_trip(tmp_path: Path) -> None:
     for net in (ShadowDecoder(32, widths=(16, 8, 8, 8), bottleneck=16), AttackerDecoder(32, widths=(8, 8, 8),
                                                                                         hidden=16)):
         net.eval()
-        y = net(z)
+        with torch.no_grad():
+            y = net(z)
         assert y.shape == (3, 3, 64, 64) and 0 <= float(y.min()) and float(y.max()) <= 1
         path = save_decoder(net, TinyRecognizer, role="shadow", path=tmp_path / "d.safetensors")
         back, meta = load_decoder(path)
         assert meta["fr_model"] == "tiny" and meta["role"] == "shadow"
-        assert torch.allclose(back(z), y, atol=5e-3)  # fp16 file
+        with torch.no_grad():
+            assert torch.allclose(back(z), y, atol=5e-3)  # fp16 file
 
 
 def test_ssim_matches_scikit_image() -> None:
@@ -234,7 +236,7 @@ def test_shipped_shadows_match_the_zoo() -> None:
     from fluxguard.recognition import FR_MODELS
 
     names = shipped()
-    assert len(names) >= 2
+    assert names  # mobileface at least (one CPU-sized decoder per trained model)
     total = 0
     for name in names:
         net, meta = load_decoder(decoder_path("shadow", name))
@@ -242,7 +244,7 @@ def test_shipped_shadows_match_the_zoo() -> None:
         dim = FR_MODELS[name].spec.embedding_size
         assert net(unit(2, dim)).shape == (2, 3, 64, 64)
         total += decoder_path("shadow", name).stat().st_size
-    assert total < 8e6
+    assert total < 2.5e6 * len(names)  # small: about 1 MB each
 
 
 @pytest.fixture(scope="module")
@@ -283,10 +285,13 @@ def test_cli_extract_then_protect(photo_dir: Path, tmp_path: Path) -> None:
     # protecting already protected templates, another model's shadow, or a mismatching --model: clear errors
     r = runner.invoke(app, ["features", "protect", str(prot), str(tmp_path / "q.npz")])
     assert r.exit_code != 0 and "already protected" in r.output
-    others = [m for m in shipped() if m != model]
-    r = runner.invoke(app, ["features", "protect", str(out), str(tmp_path / "q.npz"), "--shadow",
-                            str(decoder_path("shadow", others[0]))])
-    assert r.exit_code != 0 and f"inverts '{others[0]}' templates" in r.output
-    r = runner.invoke(app, ["features", "protect", str(out), str(tmp_path / "q.npz"), "--model", others[0]])
+    from fluxguard.recognition import FR_MODELS
+
+    other = next(m for m in ("dlib-resnet", "mobilefacenet") if m != model)
+    net, _ = load_decoder(decoder_path("shadow", model))
+    foreign = save_decoder(net, FR_MODELS[other], "shadow", tmp_path / f"shadow-{other}.safetensors")
+    r = runner.invoke(app, ["features", "protect", str(out), str(tmp_path / "q.npz"), "--shadow", str(foreign)])
+    assert r.exit_code != 0 and f"inverts '{other}' templates" in r.output
+    r = runner.invoke(app, ["features", "protect", str(out), str(tmp_path / "q.npz"), "--model", other])
     assert r.exit_code != 0 and "cannot be mixed" in r.output
     assert not (tmp_path / "q.npz").exists()

@@ -139,7 +139,7 @@ def extract_templates(photos: Sequence[str | Path], model: str, *, all_faces: bo
             missed.append(str(p))
         faces = faces if all_faces else faces[:1]
         if faces:
-            photo = torch.from_numpy(img.rgb).permute(2, 0, 1)[None].float() / 255.0
+            photo = torch.from_numpy(np.ascontiguousarray(img.rgb).copy()).permute(2, 0, 1)[None].float() / 255.0
             lm = np.stack([np.asarray(f.landmarks, np.float64) for f in faces])
             with torch.no_grad():
                 e = fr(photo.expand(len(faces), -1, -1, -1), torch.from_numpy(lm))
