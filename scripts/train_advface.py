@@ -8,9 +8,13 @@ Steps (each writes into ``--cache``, default ``$FLUXGUARD_CACHE/advface`` or ``~
 
     python scripts/train_advface.py prepare --data ../shared/faces       # detect, portrait crops (train split)
     python scripts/train_advface.py embed --models dlib-resnet,mobileface  # augmented templates + 64 px targets
-    python scripts/train_advface.py train --role shadow --model mobileface
-    python scripts/train_advface.py train --role attacker --model mobileface
+    python scripts/train_advface.py train --role shadow --model mobileface --steps 300     # about 3 min on 1 core
+    python scripts/train_advface.py train --role attacker --model mobileface --steps 500   # about 9 min on 1 core
     python scripts/train_advface.py export --role shadow --model mobileface  # fp16 -> src/fluxguard/weights/advface
+    python scripts/train_advface.py export --role attacker --model mobileface  # -> <cache>/advface/attackers
+
+The decoders are CPU-sized (0.5 M / 1.3 M parameters, 64 px output, a few hundred steps of batch 64): they show the
+effect, not the strength of a GPU-trained attacker.
 
 Training runs in the foreground; start it with ``nohup ... &`` and follow ``<cache>/runs/<role>-<model>/log.txt``.
 Checkpoints (``last.pt``, every ``--ckpt-every`` steps) let an interrupted run resume with ``--resume``.
@@ -246,6 +250,23 @@ def cmd_export(args: argparse.Namespace) -> None:
                        extra={"steps": str(ck["step"]), "train_seconds": str(summary.get("seconds", "")),
                               "data": "train split of ../shared/faces, " + args.role + " half"})
     log.info("wrote %s (%.2f MB)", out, out.stat().st_size / 1e6)
+    _fp16_parity(net, out, args)
+
+
+def _fp16_parity(net: torch.nn.Module, path: Path, args: argparse.Namespace) -> None:
+    """The fp16 file against the fp32 checkpoint on the clean templates of the role's own half (pixels in [0, 1])."""
+    from fluxguard.features.decoders import load_decoder, ssim
+
+    halves = np.load(args.cache / "faces_train.npz")["halves"]
+    tpl = np.load(args.cache / f"templates_train_{args.model}.npy", mmap_mode="r")
+    z = torch.from_numpy(np.ascontiguousarray(tpl[np.flatnonzero(halves == args.role)[:256], 0]))
+    half, _ = load_decoder(path)
+    net.eval()
+    with torch.no_grad():
+        a, b = net(z), half(z)
+    diff = (a - b).abs()
+    log.info("fp16 parity on %d templates: max |diff| %.2e (%.2f/255), mean %.2e, SSIM(fp32, fp16) min %.5f",
+             len(z), diff.max(), diff.max() * 255, diff.mean(), ssim(a, b).min())
 
 
 def main() -> None:

@@ -295,3 +295,30 @@ def test_cli_extract_then_protect(photo_dir: Path, tmp_path: Path) -> None:
     r = runner.invoke(app, ["features", "protect", str(out), str(tmp_path / "q.npz"), "--model", other])
     assert r.exit_code != 0 and "cannot be mixed" in r.output
     assert not (tmp_path / "q.npz").exists()
+
+
+def test_verification_metrics_on_known_scores() -> None:
+    from fluxguard.features.evaluate import match_rates, verification_metrics
+
+    # 4 people x 2 photos on orthogonal axes; the second photo of each person is a bit off-axis
+    base = np.eye(8, dtype=np.float32)[:4]
+    other = base + 0.3 * np.roll(base, 1, axis=0)
+    emb = np.concatenate([base, other / np.linalg.norm(other, axis=1, keepdims=True)])
+    ids = np.array([0, 1, 2, 3, 0, 1, 2, 3])
+    genuine = np.array([[i, i + 4] for i in range(4)] + [[i + 4, i] for i in range(4)])
+    impostor = np.array([[i, j] for i in range(8) for j in range(8) if ids[i] != ids[j]])
+    m = verification_metrics(emb, emb, genuine, impostor, calibrated=0.5)
+    assert m["tar"]["1e-2"] is None  # 48 impostor pairs cannot resolve FAR 1e-2
+    assert m["accuracy"] == 1.0
+    assert m["calibrated"]["tar"] == 1.0 and m["calibrated"]["far"] < 0.2
+    shuffled = verification_metrics(emb[::-1].copy(), emb, genuine, impostor, calibrated=0.5)  # wrong gallery
+    assert shuffled["calibrated"]["tar"] < 0.5
+    r = match_rates(emb, emb, ids, threshold=0.5)
+    assert r["match_same"] == 1.0 and r["match_other"] == 1.0 and r["other_pairs"] == 8
+
+
+def test_missing_attacker_says_how_to_train_one(tmp_path: Path) -> None:
+    from fluxguard.features.evaluate import evaluate_model
+
+    with pytest.raises(FluxguardError, match="train_advface.py"):
+        evaluate_model("mobileface", None, {}, attacker=tmp_path / "attacker-mobileface.safetensors")  # type: ignore[arg-type]

@@ -112,7 +112,8 @@ def evaluate(
                               "split)."),
     out: Path = typer.Option(None, "--out", help="Folder for advface_eval.{json,md,html}."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
-    fr_models: str = typer.Option("mobileface,dlib-resnet", "--models", help="Comma-separated FR models."),
+    fr_models: str = typer.Option(None, "--models", help="Comma-separated FR models (default: those with a shipped "
+                                  "shadow decoder)."),
     variants: str = typer.Option("A,B", "--variants", help="Comma-separated AdvFace variants."),
     min_cosine: float = typer.Option(None, "--min-cosine", help="Cosine floor (both variants)."),
     epsilon: float = typer.Option(None, "--epsilon", help="Variant A L-inf image budget in 1/255."),
@@ -129,9 +130,10 @@ def evaluate(
     and AdvFace templates on the eval split."""
     import sys
 
+    from fluxguard.features import shadow_models
     from fluxguard.features.evaluate import markdown_table, run_evaluation
 
-    models = split_names(fr_models) or []
+    models = split_names(fr_models) or shadow_models()
     configs = {v.upper(): _config(v, min_cosine, epsilon, steps, seed) for v in (split_names(variants) or [])}
     if not data.is_dir():
         raise FluxguardError("data folder not found", path=data)

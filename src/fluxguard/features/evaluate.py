@@ -187,6 +187,15 @@ def threshold_of(model: str, thresholds: dict | None, far: str = "1e-2") -> floa
     return FR_MODELS[model].calibrated_spec().thresholds.get(far)
 
 
+def require_attacker(model: str, path: Path) -> None:
+    """Raise, saying how to make one, unless the evaluation attacker of ``model`` exists at ``path``."""
+    if not Path(path).is_file():
+        raise FluxguardError(f"no evaluation attacker for {model!r} (attackers are not shipped): train one with "
+                             f"`python scripts/train_advface.py prepare`, `embed --models {model}`, `train --role "
+                             f"attacker --model {model}` and `export --role attacker --model {model}` (about 10 min "
+                             "on one CPU core), or pass --attackers", path=path)
+
+
 def evaluate_model(model: str, faces: EvalFaces, configs: dict, *, attacker: Path, thresholds: dict | None = None,
                    judge: str | None = None, seed: int = 0,
                    progress: Callable[[str], None] | None = None) -> tuple[dict, dict[str, np.ndarray]]:
@@ -197,6 +206,7 @@ def evaluate_model(model: str, faces: EvalFaces, configs: dict, *, attacker: Pat
     from fluxguard.recognition import load_recognizer
 
     say = progress or (lambda s: log.info(s))
+    require_attacker(model, attacker)
     fr = load_recognizer(model)
     judge = judge or judge_for(model)
     if judge == model:
@@ -328,11 +338,13 @@ def run_evaluation(data: str | Path, models: Sequence[str], configs: dict, *, at
                    progress: Callable[[str], None] | None = None) -> dict:
     """Evaluate every model of ``models`` under every setting; write JSON, Markdown and HTML into ``out``."""
     say = progress or (lambda s: log.info(s))
+    root = attackers or attackers_dir()
+    for m in models:  # before the slow part
+        require_attacker(m, root / f"attacker-{m}.safetensors")
     t0 = time.perf_counter()
     faces = load_eval_faces(data, detections, limit)
     say(f"eval split: {len(faces.keys)} faces of {len(set(faces.identities))} identities "
         f"({time.perf_counter() - t0:.0f} s)")
-    root = attackers or attackers_dir()
     results: dict = {"models": [], "command": command, "data": str(data),
                      "note": "Eval-split identities (held out from calibration and from the decoders' training). "
                              "Gallery: protected templates; probes: clean templates. gauss_X: isotropic noise with "

@@ -99,7 +99,7 @@ def collect(root: str | Path, split: str, landmarks: LandmarkSource, *,
 def portrait_crop(rgb: np.ndarray, landmarks: np.ndarray, size: int = PORTRAIT_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """The portrait crop of one face: ((size, size, 3) uint8, (5, 2) landmarks in crop pixels)."""
     m = estimate_similarity(np.asarray(landmarks, dtype=np.float64), portrait_template(size))
-    photo = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 255.0
+    photo = torch.from_numpy(np.array(rgb, copy=True)).permute(2, 0, 1)[None].float() / 255.0
     crop = warp_affine(photo, m[None], (size, size))[0].clamp(0, 1)
     lm = np.asarray(landmarks, dtype=np.float64) @ m[:, :2].numpy().T + m[:, 2].numpy()
     return (crop.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8), lm
