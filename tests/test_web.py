@@ -208,6 +208,35 @@ def test_serve_listens_on_loopback_only(server) -> None:
     assert (ip := [a.ip for a in listening if a.port == port]) == ["127.0.0.1"], ip
 
 
+def test_concurrent_requests_all_succeed_and_memory_stays_bounded(server, tmp_path: Path) -> None:
+    """A small version of benchmarks/web_load.py: 12 requests, 4 at a time, through the UI's API."""
+    psutil = pytest.importorskip("psutil", reason="needs psutil to read the server's memory")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client, handle_file
+
+    url, proc = server
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(package_faces()[0].rgb).resize((256, 256), Image.LANCZOS).save(photo)
+
+    def request(i: int) -> tuple[list, str | None]:
+        client = Client(url, verbose=False, analytics_enabled=False, download_files=str(tmp_path / f"dl{i}"),
+                        httpx_kwargs={"timeout": 300})
+        _, _, table, files, _ = client.predict([handle_file(str(photo))], "pgd", "dodge", "low", "", None, i,
+                                               api_name="/protect")
+        return table["data"], (files[0] if isinstance(files, list) else files)
+
+    request(-1)  # warm-up: models loaded, caches filled
+    rss = psutil.Process(proc.pid).memory_info().rss
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(request, range(12)))
+    for rows, file in results:
+        assert rows and rows[0][2] == "mobileface"
+        assert file and Path(file).stat().st_size > 0
+    grown_mb = (psutil.Process(proc.pid).memory_info().rss - rss) / 2**20
+    assert grown_mb < 200, grown_mb
+
+
 @pytest.mark.browser
 def test_browser_upload_protect_download(server, tmp_path: Path) -> None:
     url, _ = server

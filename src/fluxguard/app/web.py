@@ -333,11 +333,14 @@ def serve(
     import gradio as gr
 
     demo = build_app(service, max_queue=max_queue)
+    # results are copied into Gradio's cache to be served; a work folder outside the temp folder must be allowed
+    tmp = Path(tempfile.gettempdir()).resolve()
+    extra_paths = None if service.workdir.resolve().is_relative_to(tmp) else [str(service.workdir)]
     # system fonts: the default theme fetches Google Fonts, which an offline machine cannot and a privacy tool
     # should not
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
     demo.launch(server_name=host, server_port=port, max_file_size=f"{max_file_mb}mb", share=False,
                 inbrowser=False, show_error=True, quiet=True, ssr_mode=False, prevent_thread_lock=not block,
-                allowed_paths=[str(service.workdir)], theme=theme, footer_links=[], enable_monitoring=False,
+                theme=theme, footer_links=[], enable_monitoring=False, allowed_paths=extra_paths,
                 mcp_server=False)
     return demo
