@@ -252,6 +252,9 @@ def test_browser_upload_protect_download(server, tmp_path: Path) -> None:
         browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1100}, accept_downloads=True)
+            elsewhere: list[str] = []  # the page must not load anything from outside this server
+            local = (url, "data:", "blob:")
+            page.on("request", lambda r: None if r.url.startswith(local) else elsewhere.append(r.url))
             page.goto(url)
             page.locator("#photos input[type=file]").set_input_files(str(photo))
             page.locator("#photos").get_by_label("astronaut.jpg").wait_for(timeout=30_000)  # the upload finished
@@ -287,6 +290,7 @@ def test_browser_upload_protect_download(server, tmp_path: Path) -> None:
             toast.first.wait_for(timeout=60_000)
             assert "not a recognised image format" in toast.first.inner_text()
             page.screenshot(path=str(artifacts / "web_ui_bad_file.png"), full_page=True)
+            assert elsewhere == []
         finally:
             browser.close()
 
