@@ -103,7 +103,7 @@ def test_service_refuses_what_it_cannot_do(tmp_path: Path, service, astronaut_ha
         service.protect_files([], method="pgd")
     with pytest.raises(ConfigError, match="needs a target photo"):
         service.protect_files([str(good)], method="pgd", mode="impersonate")
-    with pytest.raises(ConfigError, match="does not support text edits"):
+    with pytest.raises(ConfigError, match="takes no text edit"):
         service.protect_files([str(good)], method="pgd", edit="red lipstick")
     with pytest.raises(ConfigError, match="not offered"):
         service.protect_files([str(good)], method="wdp")
@@ -135,11 +135,24 @@ def test_method_controls_follow_the_registry(service) -> None:
     full = WebService()
     try:
         assert full.methods == METHODS.names() and full.default_method == "fluxguard"
-        assert full.supports_edit("fluxguard") and not full.supports_edit("pgd")
+        # the built-in lite FLUX has no text encoders: no edit box until a real FLUX model is configured
+        assert not full.supports_edit("fluxguard") and not full.supports_edit("pgd")
         assert full.strengths("wdp") == ["low", "medium", "high"]
     finally:
         full.close()
     assert service.default_method == "pgd"
+    flux = WebService(params={"fluxguard.model": "black-forest-labs/FLUX.1-dev", "steps": 3})
+    try:
+        assert flux.supports_edit("fluxguard") and not flux.supports_edit("wdp")
+        # a scoped parameter reaches its method only; a plain one every method that has it
+        assert flux.method_params("fluxguard") == {"model": "black-forest-labs/FLUX.1-dev"}
+        assert flux.method_params("wdp") == {} and flux.method_params("pgd") == {"steps": 3}
+    finally:
+        flux.close()
+    with pytest.raises(ConfigError, match="method 'pgd' has no parameter 'model'"):
+        WebService(params={"pgd.model": "x"})
+    with pytest.raises(ConfigError, match="not offered"):
+        WebService(methods=["pgd"], params={"wdp.model": "x"})
 
 
 def test_old_results_are_pruned(tmp_path: Path) -> None:

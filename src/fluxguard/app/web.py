@@ -57,8 +57,8 @@ class WebService:
         methods: methods the UI offers (default: every registered one).
         fr_models: attack ensemble (default: every shipped FR model).
         judges: FR models that report similarity (default: every shipped FR model).
-        params: method parameters fixed by the server (``fluxguard serve --param``); each is passed to the offered
-            methods that have it, and one that no offered method has is an error.
+        params: method parameters fixed by the server (``fluxguard serve --param``): ``name`` goes to every offered
+            method that has it, ``method.name`` to that method only; one that no offered method has is an error.
         device: torch device.
         max_pixels: largest photo accepted (pixels).
         max_photos: most photos per request.
@@ -92,9 +92,15 @@ class WebService:
         self.fr_models = list(fr_models) if fr_models else None
         self.judges = list(judges) if judges else None
         self.params = dict(params or {})
-        unused = [k for k in self.params if not any(k in METHODS[m].parameter_names() for m in self.methods)]
-        if unused:
-            raise ConfigError(f"no offered method ({', '.join(self.methods)}) has a parameter {unused[0]!r}")
+        for key in self.params:
+            scope, _, name = key.rpartition(".")
+            if scope and scope not in self.methods:
+                raise ConfigError(f"parameter {key!r} is for method {scope!r}, which is not offered here "
+                                  f"({', '.join(self.methods)})")
+            if not any(name in METHODS[m].parameter_names() for m in ([scope] if scope else self.methods)):
+                where = f"method {scope!r}" if scope else f"no offered method ({', '.join(self.methods)})"
+                raise ConfigError(f"{where} has no parameter {name!r}" if scope else f"{where} has a parameter "
+                                  f"{name!r}")
         self.device = resolve_device(device)
         self.max_pixels = max_pixels
         self.max_photos = max_photos
@@ -113,16 +119,26 @@ class WebService:
         return list(METHODS[method].presets)
 
     def supports_edit(self, method: str) -> bool:
+        """Whether ``method`` takes a text edit here: it has an ``edit_prompt`` and a generator with text encoders
+        (the built-in lite models have none)."""
+        from fluxguard.generators.lite import is_lite
         from fluxguard.methods import METHODS
 
-        return "edit_prompt" in METHODS[method].parameter_names()
+        cls = METHODS[method]
+        if "edit_prompt" not in cls.parameter_names():
+            return False
+        model = self.method_params(method).get("model", getattr(cls.config_class(), "model", "lite"))
+        return not is_lite(model)
 
     def method_params(self, method: str) -> dict[str, Any]:
-        """The server's fixed parameters that apply to ``method``."""
+        """The server's fixed parameters that apply to ``method``: ``name`` for every method that has it,
+        ``method.name`` for that method only (and winning over ``name``)."""
         from fluxguard.methods import METHODS
 
         names = METHODS[method].parameter_names()
-        return {k: v for k, v in self.params.items() if k in names}
+        out = {k: v for k, v in self.params.items() if "." not in k and k in names}
+        out.update({k.rpartition(".")[2]: v for k, v in self.params.items() if k.rpartition(".")[0] == method})
+        return out
 
     # ------------------------------------------------------------------------------------------------ protection
     def protector(self, method: str, mode: str, strength: str | None, edit: str | None) -> Any:
@@ -173,7 +189,9 @@ class WebService:
         if mode == "dodge" and target:
             target = None  # the target box stays filled when switching back to dodge; it is not used then
         if edit and not self.supports_edit(method):
-            raise ConfigError(f"method {method!r} does not support text edits; clear the edit box or pick another")
+            raise ConfigError(f"method {method!r} takes no text edit here (it needs a generator with text encoders, "
+                              "e.g. `fluxguard serve --param fluxguard.model=black-forest-labs/FLUX.1-dev`); clear "
+                              "the edit box")
         target_image = load_image(target, max_pixels=self.max_pixels) if target else None
         self._prune()
         out_dir = self.workdir / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"

@@ -12,6 +12,7 @@ from fluxguard.cli._common import console, friendly_errors, split_names
     epilog="Examples:\n\n"
     "  fluxguard serve                                # http://127.0.0.1:7860\n\n"
     "  fluxguard serve --port 8080 --methods pgd,fluxguard\n\n"
+    "  fluxguard serve --device cuda --param fluxguard.model=black-forest-labs/FLUX.1-dev   # text edits\n\n"
     "  fluxguard serve --host 0.0.0.0                 # reachable from your network: anyone there can use it",
 )
 @friendly_errors
@@ -25,7 +26,8 @@ def serve(
     judges: str | None = typer.Option(None, "--judges", help="FR models that report similarity, comma-separated "
                                       "(default: every shipped FR model)."),
     param: list[str] = typer.Option([], "--param", "-p", help="Method parameter key=value fixed for every "
-                                     "request (repeatable); must belong to an offered method."),
+                                     "request (repeatable): key for every method that has it, method.key for one "
+                                     "(e.g. fluxguard.model=black-forest-labs/FLUX.1-dev)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps, auto."),
     max_file_mb: int = typer.Option(25, "--max-file-mb", min=1, help="Largest upload accepted (MB)."),
     max_pixels: int = typer.Option(40_000_000, "--max-pixels", min=1, help="Largest photo accepted (pixels)."),
