@@ -169,7 +169,7 @@ def test_device_without_cuda_is_a_clear_error(tmp_path: Path) -> None:
     assert code == 1 and "no CUDA GPU" in " ".join(text.split()), text
 
 
-# ------------------------------------------------------------------------------------------------ never overwrite / resume
+# ------------------------------------------------------------------------------------- never overwrite / resume
 def test_never_overwrites_and_resumes(tmp_path: Path, faces) -> None:
     src = tmp_path / "in"
     write(src / "a.png", faces["astronaut"])
@@ -226,7 +226,8 @@ def test_kill_9_leaves_only_whole_files_and_a_rerun_finishes(tmp_path: Path, fac
                 break
             time.sleep(0.05)
         else:
-            pytest.fail(f"no output appeared: {proc.stderr.read().decode()[-2000:] if proc.poll() is not None else ''}")
+            err = proc.stderr.read().decode()[-2000:] if proc.poll() is not None else ""
+            pytest.fail(f"no output appeared: {err}")
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=60)

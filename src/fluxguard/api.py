@@ -53,7 +53,10 @@ def as_loaded(image: ImageInput, *, max_pixels: int | None = None) -> LoadedImag
 
 def to_tensor(rgb: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, H, W) float32 in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(rgb)).to(device).permute(2, 0, 1).float().div_(255.0)
+    arr = np.ascontiguousarray(rgb)
+    if not arr.flags.writeable:  # e.g. skimage's cached samples; torch warns on read-only memory
+        arr = arr.copy()
+    return torch.from_numpy(arr).to(device).permute(2, 0, 1).float().div_(255.0)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
