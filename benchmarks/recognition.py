@@ -9,6 +9,7 @@ Timing: one face as the attacks use it, a 256 px portrait crop with its landmark
 (forward) and forward + backward to the pixels, torch CPU, median over repeats, batch 1.
 
     python benchmarks/recognition.py [--data DIR] [--landmarks FILE] [--models a,b] [--threads 2] [--skip-eval]
+                                     [--dlib-json FILE]
 
 Landmarks come from the project detector (cached) or a JSON file (--landmarks, as for ``fluxguard calibrate``).
 Writes ``benchmarks/results/recognition.json`` and ``.md``.
@@ -64,6 +65,55 @@ def time_model(model: torch.nn.Module, repeats: int) -> dict[str, float]:
     return out
 
 
+def native_dlib(root: Path, dlib_json: Path) -> dict:
+    """Reference row: dlib-bin on its own pipeline (HOG box + 5-point shape -> get_face_chip), not our crops.
+
+    Uses the faces of ``scripts/dlib_landmarks.py`` (they carry dlib's 5-point shape); thresholds from the calib
+    split of the same pipeline, metrics on the eval split.
+    """
+    import dlib
+    import face_recognition_models as frm
+    import numpy as np
+
+    from fluxguard.data import list_photos, split_of
+    from fluxguard.recognition.calibration import (
+        FaceRecord,
+        main_face,
+        pair_indices,
+        read_rgb,
+        scores,
+        thresholds_at,
+        verification,
+    )
+
+    fr = dlib.face_recognition_model_v1(frm.face_recognition_model_location())
+    table = json.loads(dlib_json.read_text())
+    out = {}
+    for split in ("calib", "eval"):
+        recs, embs = [], []
+        for ph in list_photos(root):
+            key = ph.path.relative_to(root).as_posix()
+            if not ph.identity or split_of(ph.identity) != split or not table.get(key):
+                continue
+            rgb = read_rgb(ph.path)
+            lm = main_face(table[key], rgb.shape)
+            if lm is None:
+                continue
+            face = next(f for f in table[key] if np.allclose(f["landmarks"], lm))
+            rect = dlib.rectangle(*[int(round(v)) for v in face["box"]])
+            det = dlib.full_object_detection(rect, [dlib.point(int(x), int(y)) for x, y in face["shape5"]])
+            e = np.array(fr.compute_face_descriptor(dlib.get_face_chip(rgb, det, 150, 0.25)))
+            recs.append(FaceRecord(key, ph.path, ph.identity, ph.source, lm))
+            embs.append(e / np.linalg.norm(e))
+        gen, imp = pair_indices(recs)
+        g, i = scores(np.stack(embs), gen), scores(np.stack(embs), imp)
+        if split == "calib":
+            th = thresholds_at(i)
+        else:
+            out = verification(g, i, th)
+    return out
+
+
 def markdown(res: dict) -> str:
     lines = ["# FR model zoo", ""]
     if "eval" in res:
@@ -72,7 +122,8 @@ def markdown(res: dict) -> str:
                   f"{d['genuine_pairs']} genuine / {d['impostor_pairs']} impostor pairs (impostors: different "
                   f"identities within one source). Thresholds: shipped `thresholds.json` (calib split). "
                   f"Landmarks: {res['landmarks']}.", "",
-                  "| model | TAR @ FAR 1e-1 | TAR @ FAR 1e-2 | TAR @ FAR 1e-3 | eval FAR at the 1e-2 threshold | AUC | d' |",
+                  "| model | TAR @ FAR 1e-1 | TAR @ FAR 1e-2 | TAR @ FAR 1e-3 | eval FAR at the 1e-2 threshold "
+                  "| AUC | d' |",
                   "|---|---|---|---|---|---|---|"]
         for name, m in res["eval"]["models"].items():
             lines.append(f"| {name} | " + " | ".join(f"{m['tar'][f]:.3f}" for f in FARS)
@@ -95,6 +146,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--skip-eval", action="store_true")
+    ap.add_argument("--dlib-json", default=None, help="scripts/dlib_landmarks.py output: adds a dlib-bin row run on "
+                    "dlib's own pipeline (reference for the dlib-resnet crop template)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     names = args.models.split(",") if args.models else available_models()
@@ -111,8 +164,11 @@ def main() -> None:
         if missing:
             raise SystemExit(f"not calibrated: {missing}; run `fluxguard calibrate` first")
         res["eval"] = evaluate(models, records, thresholds)
-    res["timing"] = {"threads": args.threads, "repeats": args.repeats, "cpu": platform.processor() or platform.machine(),
-                     "torch": torch.__version__, "models": {n: time_model(m, args.repeats) for n, m in models.items()}}
+        if args.dlib_json:
+            res["eval"]["models"]["dlib-bin (own chip)"] = native_dlib(root, Path(args.dlib_json))
+    res["timing"] = {"threads": args.threads, "repeats": args.repeats,
+                     "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+                     "models": {n: time_model(m, args.repeats) for n, m in models.items()}}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "recognition.json").write_text(json.dumps(res, indent=1) + "\n")
     (OUT / "recognition.md").write_text(markdown(res))

@@ -35,7 +35,8 @@ from fluxguard.recognition.calibration import main_face, read_rgb  # noqa: E402
 LOOSE_FACTOR = 1.4
 
 
-def dlib_chip_matrix(shape5: list[list[float]], box: list[float], size: int = 150, padding: float = 0.25) -> np.ndarray:
+def dlib_chip_matrix(shape5: list[list[float]], box: list[float], size: int = 150,
+                     padding: float = 0.25) -> np.ndarray:
     """(2, 3) photo -> chip map of ``dlib.get_face_chip(img, shape5, size, padding)``."""
     import dlib
 

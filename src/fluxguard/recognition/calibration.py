@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fluxguard.data import Photo, list_photos, split_of
+from fluxguard.data import list_photos, split_of
 from fluxguard.errors import FluxguardError
 from fluxguard.recognition.base import FARS, FaceRecognizer
 

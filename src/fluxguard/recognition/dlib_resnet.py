@@ -242,7 +242,8 @@ class DlibResNet(FaceRecognizer):
             raise FluxguardError("not a dlib-resnet weights file (no mean_rgb metadata)", path=path)
         return cls(sd, tuple(meta["mean_rgb"]))
 
-    def save(self, path: str | Path, dtype: torch.dtype = torch.float16, metadata: dict[str, str] | None = None) -> None:
+    def save(self, path: str | Path, dtype: torch.dtype = torch.float16,
+             metadata: dict[str, str] | None = None) -> None:
         """Write the weights (as ``dtype``) and the input means to a safetensors file."""
         from safetensors.torch import save_file
 

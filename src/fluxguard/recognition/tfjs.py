@@ -9,7 +9,8 @@ TF's layout means every axis-dependent op (Reshape, Squeeze, Mean, ConcatV2, ...
 SAME padding is reproduced exactly, including TF's asymmetric split for even kernels or strides > 1.
 
 A graph can be saved to a single safetensors file: the float constants as tensors and the node list as JSON in the
-file's metadata (``tfjs_graph``; a byte-reproducible file for the same graph). Integer constants (shapes, paddings, axes) travel in the node list.
+file's metadata (``tfjs_graph``; the same graph always gives the same bytes). Integer constants (shapes, paddings,
+axes) travel in the node list.
 
 Typical use::
 
@@ -125,9 +126,9 @@ def _spatial_pads(attrs: dict, h: int, w: int, kh: int, kw: int) -> tuple[int, i
     sh, sw = attrs.get("strides", [1, 1, 1, 1])[1:3]
     dh, dw = (attrs.get("dilations") or [1, 1, 1, 1])[1:3]
     if padding == "SAME":
-        t, b = _same_pads(h, kh, sh, dh)
-        l, r = _same_pads(w, kw, sw, dw)
-        return l, r, t, b
+        top, bottom = _same_pads(h, kh, sh, dh)
+        left, right = _same_pads(w, kw, sw, dw)
+        return left, right, top, bottom
     if padding == "EXPLICIT":
         p = attrs["explicit_paddings"]  # NHWC pairs
         return p[4], p[5], p[2], p[3]
@@ -242,13 +243,13 @@ def _mirror_pad(a: list[Any], attrs: dict) -> torch.Tensor:
     mode = "reflect" if attrs.get("mode", "REFLECT") == "REFLECT" else "replicate"
     if x.dim() != 4 or any(int(v) for v in (list(paddings[0]) + list(paddings[3]))):
         raise NotImplementedError("TFJS MirrorPad outside the spatial axes of an NHWC tensor")
-    (t, b), (l, r) = paddings[1], paddings[2]
+    (top, bottom), (left, right) = paddings[1], paddings[2]
     if mode == "replicate":  # SYMMETRIC: reflect including the edge pixel
         xc = _nchw(x)
-        xc = torch.cat([xc[..., :, :l].flip(-1), xc, xc[..., :, xc.shape[-1] - r :].flip(-1)], -1)
-        xc = torch.cat([xc[..., :t, :].flip(-2), xc, xc[..., xc.shape[-2] - b :, :].flip(-2)], -2)
+        xc = torch.cat([xc[..., :, :left].flip(-1), xc, xc[..., :, xc.shape[-1] - right:].flip(-1)], -1)
+        xc = torch.cat([xc[..., :top, :].flip(-2), xc, xc[..., xc.shape[-2] - bottom:, :].flip(-2)], -2)
         return _nhwc(xc)
-    return _nhwc(F.pad(_nchw(x), [int(l), int(r), int(t), int(b)], mode="reflect"))
+    return _nhwc(F.pad(_nchw(x), [int(left), int(right), int(top), int(bottom)], mode="reflect"))
 
 
 def _reshape(a: list[Any], attrs: dict) -> torch.Tensor:
