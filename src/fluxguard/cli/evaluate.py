@@ -39,6 +39,8 @@ def evaluate(
     white_box: bool = typer.Option(False, "--white-box", help="Also attack with the whole zoo and report the "
                                    "attacked models' (white-box) PSR as an extra."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, ..."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's; 1 is "
+                                       "fastest on a machine shared with other jobs)."),
     json_out: bool = typer.Option(False, "--json", help="Print results.json's summary tables on stdout."),
 ) -> None:
     """Evaluate a protection method: black-box dodging / impersonation PSR, quality, robustness, purification."""
@@ -51,6 +53,10 @@ def evaluate(
     data_dir = data or find_faces_dir()
     if data_dir is None:
         raise ConfigError("no face folder: pass --data DIR or set FLUXGUARD_DATA")
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -71,5 +77,5 @@ def evaluate(
         print_json({k: results[k] for k in ("method", "params", "psr", "quality", "timing", "robustness",
                                             "purification", "notes")})
     else:
-        console.print(markdown(results), markup=False, highlight=False)
+        console.print(markdown(results), markup=False, highlight=False, soft_wrap=True)
         console.print(f"\nwritten: {out / 'results.json'}, {out / 'results.md'}, {out / 'report.html'}")

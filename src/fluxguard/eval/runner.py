@@ -335,9 +335,10 @@ class Evaluation:
                 raise ConfigError(f"mode must be dodge, impersonate or both, got {m!r}")
         self.progress = progress or (lambda s, k, n: None)
         self.target_paths = list(targets)
-        self.faces = FaceCache(self.out / "cache" / "faces", detector)
-        self._detector_given = detector is not None
-        self.embs = EmbeddingCache(self.out / "cache" / "embeddings")
+        # detections (and the embeddings cut at them) depend on the detector: one cache per detector version
+        cache = self.out / "cache" / _detector_tag(detector)
+        self.faces = FaceCache(cache / "faces", detector)
+        self.embs = EmbeddingCache(cache / "embeddings")
         self.notes: list[str] = []
         self._models: dict[str, Any] = {}
         self._model_source = models
@@ -680,6 +681,17 @@ class Evaluation:
                                   "use another --out or delete it")
         else:
             _write_json(p, fp)
+
+
+def _detector_tag(detector: Detector | None) -> str:
+    if detector is not None:
+        return "custom-" + _safe(getattr(detector, "tag", type(detector).__name__))
+    try:
+        from fluxguard.faces.detect import get_detector
+    except ImportError:
+        return "no-detector"
+    d = get_detector()
+    return f"{d.name}-v{d.version}"
 
 
 def _lazy(fn: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
