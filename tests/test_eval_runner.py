@@ -297,3 +297,13 @@ def test_cli_evaluate_pgd_end_to_end(faces_dir, tmp_path) -> None:
         assert all(r["n"] >= 2 for r in bb.values())
     assert "<img" in (out / "report.html").read_text()
     shutil.rmtree(out / "cache", ignore_errors=True)
+
+
+def test_purification_auto_without_backend_leaves_a_note(monkeypatch) -> None:
+    import fluxguard.eval.runner as runner
+
+    monkeypatch.setitem(sys.modules, "fluxguard.generators.lite", None)  # as in a build without the lite models
+    notes: list[str] = []
+    assert runner.make_purifier("auto", 0, "cpu", notes) is None
+    assert "purification check not run" in notes[0]
+    assert runner.make_purifier(None, 0, "cpu", notes) is None and "skipped" in notes[1]

@@ -765,12 +765,8 @@ def make_purifier(spec: Any, seed: int, device: str, notes: list[str]) -> Purifi
     if isinstance(spec, SDBackend):
         return Purifier(spec, spec.source, seed=seed)
     if spec == "auto":
-        folder = _lite_sd_folder()
-        if folder is None:
-            notes.append("purification check not run: no SD-style backend is available here (the lite UNet is "
-                         "not shipped yet and SD weights cannot be downloaded); pass --purification FOLDER")
-            return None
-        spec = folder
+        backend = _lite_sd_backend(notes)
+        return None if backend is None else Purifier(backend, backend.source, seed=seed)
     try:
         backend = load_backend(str(spec), device=device)
     except FluxguardError as e:
@@ -779,12 +775,23 @@ def make_purifier(spec: Any, seed: int, device: str, notes: list[str]) -> Purifi
     return Purifier(backend, str(spec), seed=seed)
 
 
-def _lite_sd_folder() -> Path | None:
-    """The shipped lite UNet + VAE as an SD folder, when this install has them."""
-    root = Path(__file__).resolve().parents[1] / "weights" / "lite"
-    for cand in (root / "sd", root):
-        if (cand / "unet" / "config.json").is_file() and (cand / "vae" / "config.json").is_file():
-            return cand
+def _lite_sd_backend(notes: list[str]) -> Any:
+    """The lite UNet + VAE shipped with fluxguard as an SDBackend, or None (with a note) when this install has none."""
+    from fluxguard.generators.sd import SDBackend
+
+    try:
+        from fluxguard.generators.lite import load_lite_sd
+    except ImportError:
+        load_lite_sd = None
+    if load_lite_sd is not None:
+        try:
+            lite = load_lite_sd()
+        except FluxguardError:
+            lite = None
+        if lite is not None:
+            return SDBackend.from_components(lite.unet, lite.vae, lite.null_embeds, lite.scheduler, source="lite-sd")
+    notes.append("purification check not run: no SD-style backend is available here (the lite UNet is not shipped "
+                 "in this build and SD weights cannot be downloaded); pass --purification FOLDER")
     return None
 
 
