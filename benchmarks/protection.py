@@ -214,6 +214,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from fluxguard.cli.protect import parse_params
     from fluxguard.data import find_faces_dir
+    from fluxguard.eval.report import write_reports
     from fluxguard.eval.runner import evaluate
 
     data = args.data or find_faces_dir()
@@ -240,13 +241,16 @@ def main() -> None:
             print(f"[{name}] choosing eps for face SSIM >= {args.ssim}", flush=True)
             info["matched"] = matched_eps(data, args.work, params, args.ssim, args.calib_photos)
             params["eps"] = info["matched"]["eps"]
-        # rows that share settings share a folder (e.g. pgd here and a plain `fluxguard evaluate` run)
+        # rows that share settings share a folder (e.g. pgd here and a plain `fluxguard evaluate` run): protected
+        # photos and embeddings are reused, a smaller --limit takes the first identities of the same order
         tag = hashlib.sha1(json.dumps([spec["method"], params], sort_keys=True).encode()).hexdigest()[:8]
         folder = args.work / ("pgd" if name == "pgd" and not extra else f"{name}-{tag}")
         print(f"[{name}] {spec['method']} {params} -> {folder}", flush=True)
         t0 = time.time()
         res = evaluate(spec["method"], data, folder, mode="both", limit=args.limit, robustness=args.robustness,
-                       purification="auto", **params)
+                       purification="auto", write_report=False, **params)
+        # the folder may hold a run over more identities: this subset's reports get their own names
+        write_reports(res, folder, prefix=f"bench-limit{args.limit}-")
         info["wall_seconds"] = round(time.time() - t0, 1)
         info["run_dir"] = str(folder)
         report["rows"].append(summary_row(name, res, info))

@@ -328,12 +328,14 @@ def html_report(results: Mapping[str, Any], out_dir: Path) -> str:
     return "\n".join(parts)
 
 
-def write_reports(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """Write results.json, results.md and report.html into ``out_dir``; returns their paths."""
+def write_reports(results: Mapping[str, Any], out_dir: str | Path, *, prefix: str = "") -> dict[str, Path]:
+    """Write results.json, results.md and report.html into ``out_dir`` (the evaluation folder: thumbnails are read
+    from its ``items/``), each name preceded by ``prefix``; returns their paths."""
     from fluxguard.eval.runner import _clean_json, _write_atomic
 
     out = Path(out_dir)
-    paths = {"json": out / "results.json", "md": out / "results.md", "html": out / "report.html"}
+    paths = {"json": out / f"{prefix}results.json", "md": out / f"{prefix}results.md",
+             "html": out / f"{prefix}report.html"}
     _write_atomic(paths["json"], json.dumps(_clean_json(results), indent=1, allow_nan=False).encode())
     clean = json.loads(paths["json"].read_text())  # the tables are made from exactly what was saved
     _write_atomic(paths["md"], markdown(clean).encode())

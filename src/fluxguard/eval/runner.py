@@ -55,7 +55,6 @@ MODES = ("dodge", "impersonate")
 FARS = ("1e-1", "1e-2", "1e-3")
 MAIN_FAR = "1e-2"
 SCHEMA = 1
-RESULTS_NAME = "results.json"
 
 # The four target identities of the common protocol (methods.md §1.3, ../shared/faces/README.md): the photo the
 # method optimises towards, and a different photo of the same person used for scoring.
@@ -994,11 +993,11 @@ def evaluate(
         detector: RGB -> faces (default: :func:`fluxguard.faces.detect.detect_faces`).
         targets: impersonation (target photo, test photo) pairs relative to ``data_dir``.
         progress: ``progress(stage, done, total)``.
-        write_report: write results.json, results.md and report.html into ``out_dir``.
+        write_report: write results.json, results.md and report.html into ``out_dir`` (else only return them).
         **params: method parameters.
 
     Returns:
-        The results dictionary (also written to ``out_dir/results.json``).
+        The results dictionary (written to ``out_dir/results.json`` when ``write_report``).
     """
     modes = MODES if mode == "both" else (mode,)
     cfg = EvalConfig(method=method, data_dir=Path(data_dir), out_dir=Path(out_dir), modes=tuple(modes), seed=seed,
@@ -1011,6 +1010,4 @@ def evaluate(
         from fluxguard.eval.report import write_reports
 
         write_reports(results, cfg.out_dir)
-    else:
-        _write_json(Path(cfg.out_dir) / RESULTS_NAME, results)
     return results
