@@ -12,15 +12,18 @@ over a 16x16 grid of the crop, in crop pixels.
 * FaceRes: M is a square crop centred on the detector box, side 1.4x the box's longer side, resized to 224.
 
 usage: python scripts/calibrate_templates.py --dlib-json DLIB.json [--landmarks LM.json] [--data DIR] [--split calib]
+                                           [--write]
   DLIB.json: scripts/dlib_landmarks.py output (box, ArcFace landmarks from 68 points, dlib shape5 per face).
   LM.json: {key: [{"box", "landmarks"}, ...]} from the project detector (default: the ArcFace points of DLIB.json);
   its faces are matched to dlib's by eye position.
+  --write puts the fitted templates into src/fluxguard/recognition/{dlib_resnet,faceres}.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -95,12 +98,26 @@ def check_dlib_pixels(root: Path, key: str, face: dict) -> float:
     return float(np.abs(chip - ours).mean())
 
 
+SRC = Path(__file__).resolve().parents[1] / "src" / "fluxguard" / "recognition"
+
+
+def write_template(path: Path, var: str, tpl: np.ndarray, faces: int) -> None:
+    """Replace the ``var = (...)`` tuple (and the face count in its comment) in a model file."""
+    s = path.read_text()
+    a = s.index(f"{var} = (")
+    b = s.index("\n)\n", a) + 2
+    body = "".join(f"    ({x}, {y}),\n" for x, y in np.round(tpl, 2).tolist())
+    s = s[:a] + f"{var} = (\n{body})" + s[b:]
+    path.write_text(re.sub(r"on \d+ calib-split faces", f"on {faces} calib-split faces", s))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dlib-json", required=True)
     ap.add_argument("--landmarks", default=None)
     ap.add_argument("--data", default=None)
     ap.add_argument("--split", default="calib")
+    ap.add_argument("--write", action="store_true", help="update the templates in the model files")
     args = ap.parse_args()
     root = Path(args.data) if args.data else find_faces_dir()
     dl = json.loads(Path(args.dlib_json).read_text())
@@ -112,6 +129,8 @@ def main() -> None:
         if not dl[key]:
             continue
         main = main_face(dl[key], read_rgb(root / key).shape)  # one face per photo: the labelled person
+        if main is None:
+            continue
         for face in [f for f in dl[key] if np.allclose(f["landmarks"], main)]:
             lm = np.asarray(face["landmarks"], dtype=np.float64)
             box = face["box"]
@@ -132,6 +151,9 @@ def main() -> None:
                 pix.append(check_dlib_pixels(root, key, face))
     dlib_tpl, dlib_err = fit(dlib_pairs, 150)
     loose_tpl, loose_err = fit(loose_pairs, 224)
+    if args.write:
+        write_template(SRC / "dlib_resnet.py", "DLIB_CHIP_150", dlib_tpl, dlib_err["faces"])
+        write_template(SRC / "faceres.py", "LOOSE_224", loose_tpl, loose_err["faces"])
     print(json.dumps({
         "landmarks": args.landmarks or f"{args.dlib_json} (dlib 68-point ArcFace points)",
         "dlib_chip_150": {"template": np.round(dlib_tpl, 2).tolist(), "fit": dlib_err,

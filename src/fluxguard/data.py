@@ -7,7 +7,6 @@ The folder is laid out like ``../shared/faces``: ``identities/<name>/<n>.jpg``, 
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,24 +66,6 @@ def list_photos(root: str | Path) -> list[Photo]:
         if p.is_file():
             photos.append(Photo(p, None, p.parent.name))
     return photos
-
-
-SPLITS = (("calib", 0.4), ("eval", 0.3), ("train", 0.3))
-
-
-def split_of(identity: str) -> str:
-    """The split an identity belongs to: ``"calib"`` (40 %), ``"eval"`` (30 %) or ``"train"`` (30 %).
-
-    Deterministic and stable across machines and data versions: the first 8 bytes of sha1(name) as a fraction in
-    [0, 1). Threshold calibration uses only ``calib`` identities, so evaluation on ``eval`` never sees them.
-    """
-    u = int.from_bytes(hashlib.sha1(identity.encode("utf-8")).digest()[:8], "big") / 2.0**64
-    edge = 0.0
-    for name, share in SPLITS:
-        edge += share
-        if u < edge:
-            return name
-    return SPLITS[-1][0]
 
 
 def identity_groups(photos: list[Photo], min_photos: int = 2) -> dict[str, list[Photo]]:

@@ -45,11 +45,11 @@ def models(
 @friendly_errors
 def calibrate(
     data: Path = typer.Option(..., "--data", help="Face-photo folder laid out like ../shared/faces."),
-    out: Path = typer.Option(None, "--out", help="Where to write the thresholds (default: the package's "
+    out: Path | None = typer.Option(None, "--out", help="Where to write the thresholds (default: the package's "
                              "recognition/thresholds.json)."),
-    fr_models: str = typer.Option(None, "--models", help="Comma-separated FR models (default: those on disk)."),
-    landmarks: Path = typer.Option(None, "--landmarks", help="JSON of precomputed landmarks per photo, instead of "
-                                   "running the face detector."),
+    fr_models: str | None = typer.Option(None, "--models", help="Comma-separated FR models (default: those on disk)."),
+    landmarks: Path | None = typer.Option(None, "--landmarks", help="JSON of precomputed landmarks per photo "
+                                          "(scripts/detect_landmarks.py), instead of running the face detector."),
     split: str = typer.Option("calib", "--split", help="Identity split to use (calib | eval | train)."),
 ) -> None:
     """Cosine thresholds at FAR 1e-1 / 1e-2 / 1e-3 from impostor pairs of the calib-split identities."""
@@ -57,14 +57,15 @@ def calibrate(
 
     import torch
 
+    from fluxguard.data import SPLITS
     from fluxguard.errors import ConfigError
     from fluxguard.recognition import FR_MODELS, available_models, load_recognizer
     from fluxguard.recognition.base import THRESHOLDS_FILE
     from fluxguard.recognition.calibration import calibrate as run_calibration
     from fluxguard.recognition.calibration import detection_cache_path, gather_faces
 
-    if split not in ("calib", "eval", "train"):
-        raise ConfigError(f"unknown split {split!r}; valid: calib, eval, train")
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     names = split_names(fr_models) or available_models()
     for n in names:
         FR_MODELS[n]  # unknown names fail here, listing the valid ones
@@ -73,7 +74,8 @@ def calibrate(
     records = gather_faces(data, split, landmark_file=landmarks, cache=cache)
     console.print(f"{len(records)} faces of {len({r.identity for r in records})} {split} identities")
     table = run_calibration({n: load_recognizer(n) for n in names}, records,
-                            data_note=f"{data.resolve().name}, split {split}",
+                            data_note=f"labelled photos of data folder {data.resolve().name!r}, identities of the "
+                                      f"{split!r} split (fluxguard.data.split_of), main face per photo",
                             landmark_source=str(landmarks.name) if landmarks else "fluxguard.faces.detect")
     dest = out or THRESHOLDS_FILE
     if dest.is_file():  # keep the models not recalibrated now

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fluxguard.data import list_photos, split_of
+from fluxguard.data import list_photos, photos_in_split
 from fluxguard.errors import FluxguardError
 from fluxguard.recognition.base import FARS, FaceRecognizer
 
@@ -41,14 +41,10 @@ class FaceRecord:
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """An image file as RGB uint8 (EXIF orientation applied)."""
-    from PIL import Image, ImageOps
+    """An image file as RGB uint8 (EXIF orientation applied; errors name the file)."""
+    from fluxguard.io import load_image
 
-    try:
-        with Image.open(path) as im:
-            return np.array(ImageOps.exif_transpose(im).convert("RGB"))
-    except OSError as e:
-        raise FluxguardError(f"cannot read image: {e}", path=path) from e
+    return load_image(path).rgb
 
 
 def main_face(faces: Sequence[object], shape: tuple[int, ...]) -> np.ndarray | None:
@@ -100,7 +96,7 @@ def gather_faces(root: str | Path, split: str, landmark_file: str | Path | None 
     in ``cache`` (JSON keyed by path, size and mtime) so that re-runs do not detect again.
     """
     root = Path(root)
-    photos = [p for p in list_photos(root) if p.identity is not None and split_of(p.identity) == split]
+    photos = [p for p in photos_in_split(list_photos(root), split) if p.identity is not None]
     lookup = landmarks_from_file(landmark_file) if landmark_file else None
     store: dict[str, list | None] = {}
     if lookup is None and cache is not None and cache.is_file():
@@ -148,7 +144,7 @@ def detection_cache_path(root: str | Path, detector: str) -> Path:
 def embed_records(model: FaceRecognizer, records: Sequence[FaceRecord], batch: int = 32,
                   images: Callable[[Path], torch.Tensor] | None = None) -> np.ndarray:
     """(N, D) unit embeddings of the records' main faces (crops are cut from the full photos)."""
-    load = images or (lambda p: torch.from_numpy(read_rgb(p)).permute(2, 0, 1)[None].float() / 255.0)
+    load = images or (lambda p: torch.from_numpy(read_rgb(p).copy()).permute(2, 0, 1)[None].float() / 255.0)
     out, crops = [], []
     for i, r in enumerate(records):
         crops.append(model.crop(load(r.path), r.landmarks))
