@@ -266,6 +266,13 @@ def test_resume_skips_finished_work(fake_data, tmp_path, monkeypatch) -> None:
     assert spy.calls == 1 and spy.constructed == [("dodge", ("fr-a", "fr-c"))]
     with pytest.raises(ConfigError, match="other settings"):
         _run(fake_data, out, mode="dodge", steps=3)
+    # a re-fitted crop template of an attacked model makes other photos: never resumed into the same folder
+    models = _models()
+    spec = models["fr-b"].spec
+    moved = replace(spec, crop=CropSpec(48, tuple((x + 1.0, y) for x, y in spec.crop.template)))
+    models["fr-b"] = type(type(models["fr-b"]).__name__, (SmallFR,), {"spec": moved})(1)  # same class name
+    with pytest.raises(ConfigError, match="attack_models"):
+        _run(fake_data, out, mode="dodge", models=models)
 
 
 def test_match_face_follows_resize_and_centre_crop() -> None:

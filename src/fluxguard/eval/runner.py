@@ -174,6 +174,20 @@ def _face_from(d: Mapping[str, Any]) -> Face:
                 score=float(d.get("score", 1.0)))
 
 
+def model_tag(recognizer: Any) -> str:
+    """``name-<hash>`` of what decides a model's embeddings: its crop (size, template), embedding size and weights
+    file. Cached embeddings and protected photos are keyed by it, so a re-fitted template or new weights never
+    reuse stale work."""
+    spec = recognizer.spec
+    h = hashlib.sha1(json.dumps([spec.name, spec.crop.size, np.asarray(spec.crop.template, float).round(4).tolist(),
+                                 spec.embedding_size, type(recognizer).__qualname__]).encode())
+    local = getattr(type(recognizer), "local_weights", None)
+    weights = Path(local()) if local is not None else None
+    if weights is not None and weights.is_file():
+        h.update(_sha1_file(weights).encode())
+    return f"{spec.name}-{h.hexdigest()[:8]}"
+
+
 def family_key(recognizer: Any) -> str:
     """A model's family for leave-one-out: the family name before any parenthesis (two weight sets of one
     architecture and training set are one family, so neither is black-box to the other)."""
@@ -284,7 +298,7 @@ class FaceCache:
 
 
 class EmbeddingCache:
-    """Unit embeddings per (judge, image key); one small .npy each, written atomically."""
+    """Unit embeddings per (judge's :func:`model_tag`, image key); one small .npy each, written atomically."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -340,6 +354,7 @@ class Evaluation:
         self.embs = EmbeddingCache(cache / "embeddings")
         self.notes: list[str] = []
         self._models: dict[str, Any] = {}
+        self._tags: dict[str, str] = {}
         self._model_source = models
         self.attack_models = list(attack_models) if attack_models is not None else self._default_attack_models()
         judge_names = list(judges) if judges is not None else self._default_judges()
@@ -380,6 +395,11 @@ class Evaluation:
 
     def model(self, name: str) -> Any:
         return self._models[name]
+
+    def tag(self, name: str) -> str:
+        if name not in self._tags:
+            self._tags[name] = model_tag(self.model(name))
+        return self._tags[name]
 
     def thresholds(self, name: str) -> dict[str, float]:
         return dict(self.model(name).calibrated_spec().thresholds)
@@ -470,7 +490,7 @@ class Evaluation:
 
     # ---- embeddings
     def embed(self, judge: str, key: str, rgb: Callable[[], np.ndarray], landmarks: np.ndarray) -> np.ndarray:
-        cached = self.embs.get(judge, key)
+        cached = self.embs.get(self.tag(judge), key)
         if cached is not None:
             return cached
         from fluxguard.api import to_tensor
@@ -478,7 +498,7 @@ class Evaluation:
         x = to_tensor(rgb(), self.cfg.device)[None]
         with torch.no_grad():
             e = self.model(judge)(x, np.asarray(landmarks, dtype=np.float64)[None])[0].float().cpu().numpy()
-        self.embs.put(judge, key, e)
+        self.embs.put(self.tag(judge), key, e)
         return e
 
     def embed_file(self, judge: str, path: Path, face: Face) -> np.ndarray:
@@ -665,7 +685,8 @@ class Evaluation:
 
     def _run_fingerprint(self) -> dict[str, Any]:
         return {"method": self.cfg.method, "params": self.cfg.params, "strength": self.cfg.strength,
-                "seed": self.cfg.seed, "attack_models": self.attack_models, "targets": self.target_paths,
+                "seed": self.cfg.seed, "attack_models": [self.tag(m) for m in self.attack_models],
+                "targets": self.target_paths,
                 "schema": SCHEMA}
 
     def _check_run_file(self) -> None:
