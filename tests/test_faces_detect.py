@@ -19,6 +19,7 @@ from fluxguard.faces.detect import (
     detect_faces,
     detection_cache_dir,
     get_detector,
+    primary_face,
 )
 from fluxguard.faces.mtcnn import MTCNN, nms
 
@@ -187,6 +188,17 @@ def test_rotated_face() -> None:
     assert np.linalg.norm(faces[0].landmarks - truth, axis=1).max() < 5.0
 
 
+def test_primary_face_is_the_largest() -> None:
+    small = cv2.resize(ASTRONAUT, (256, 256), interpolation=cv2.INTER_AREA)
+    photo = np.zeros((512, 768, 3), np.uint8)
+    photo[:, :512] = ASTRONAUT
+    photo[:256, 512:] = small
+    faces = detect_faces(photo)
+    assert len(faces) == 2
+    assert primary_face(faces).landmarks[0, 0] < 512
+    assert primary_face([]) is None
+
+
 def test_threshold_and_min_face_size() -> None:
     assert detect_faces(ASTRONAUT, min_face_size=200) == []
     assert len(detect_faces(ASTRONAUT, threshold=0.5)) >= 1
@@ -213,8 +225,10 @@ def test_dlib_hog_detector() -> None:
     assert faces, "dlib found no face"
     best = faces[0]
     assert_plausible(best)
-    # its ArcFace-style points come from 4 eye corners + nose base: within ~15% of the inter-ocular distance
-    assert np.linalg.norm(best.landmarks - ASTRONAUT_LM, axis=1).max() < 0.15 * 42
+    # its ArcFace-style points come from 4 eye corners + nose base: the eyes land close to MTCNN's, the mouth corners
+    # are extrapolated from a mean face (the astronaut's mouth sits higher than average)
+    err = np.linalg.norm(best.landmarks - ASTRONAUT_LM, axis=1) / 42
+    assert err[:2].max() < 0.1 and err[2] < 0.15 and err[3:].max() < 0.3
 
 
 # --- cache ------------------------------------------------------------------------------------------------------
@@ -280,9 +294,9 @@ def test_cli_faces_json(tmp_path: Path) -> None:
 # --- real photos ------------------------------------------------------------------------------------------------
 
 
-# Measured on every 10th identity photo of ../shared/faces with benchmarks/detectors.py settings (see the report);
-# the floor leaves a margin for other builds of torch/OpenCV.
-IDENTITY_EXACTLY_ONE_FLOOR = 0.0
+# benchmarks/detectors.py measured 97.8 % on this subset (every 20th identity photo: 91 of 93) and 98.2 % on all
+# 1850; the floor leaves ~5 points (4 photos) for other builds of torch/OpenCV.
+IDENTITY_EXACTLY_ONE_FLOOR = 0.93
 
 
 @pytest.mark.data
@@ -292,7 +306,7 @@ def test_detection_rate_on_identity_photos(tmp_path: Path, record_property) -> N
     root = find_faces_dir()
     if root is None:
         pytest.skip("face photos not found: set FLUXGUARD_DATA or put them in ../shared/faces")
-    photos = [p for p in list_photos(root) if p.identity is not None][::10]
+    photos = [p for p in list_photos(root) if p.identity is not None][::20]
     counts = [len(detect_cached(p.path, cache_dir=tmp_path)) for p in photos]
     rate = float(np.mean([c == 1 for c in counts]))
     record_property("identity_exactly_one_rate", rate)

@@ -112,6 +112,17 @@ def detect_faces(
     return sorted(faces, key=lambda f: -f.score)
 
 
+def primary_face(faces: list[Face]) -> Face | None:
+    """The face a portrait or identity photo is about: the one with the largest box (None for no face).
+
+    Use this rather than ``faces[0]``: faces are sorted by score, and a sharp background face can outscore the
+    subject's (seen on LFW and CelebA photos).
+    """
+    if not faces:
+        return None
+    return max(faces, key=lambda f: float((f.box[2] - f.box[0]) * (f.box[3] - f.box[1])))
+
+
 # --- detection cache -------------------------------------------------------------------------------------------
 
 

@@ -195,25 +195,35 @@ def _bins(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     return (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
 
 
-def area_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """``F.interpolate(mode="area")`` of an (h, w, 3) array to (oh, ow, 3) float32, via per-axis cumulative sums.
+def _row_cumsum(image: np.ndarray) -> np.ndarray:
+    """(h + 1, w, c) float64 cumulative sums down the rows, with a leading zero row."""
+    cum = np.zeros((image.shape[0] + 1, *image.shape[1:]), dtype=np.float64)
+    np.cumsum(image, axis=0, dtype=np.float64, out=cum[1:])
+    return cum
 
-    Same bins as torch (results agree to float rounding, ~1e-5), but it costs one pass over the input instead of
-    torch's slow CPU adaptive pooling (~20 ns per input value).
-    """
-    (oh, ow), (h, w) = size, image.shape[:2]
+
+def _area_from_rows(cum: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Area-resize the image whose :func:`_row_cumsum` is ``cum`` to ``size`` = (oh, ow); float32 (oh, ow, c)."""
+    (oh, ow), h, w = size, cum.shape[0] - 1, cum.shape[1]
     a0, a1 = _bins(h, oh)
     b0, b1 = _bins(w, ow)
-    cum = np.zeros((h + 1, w, image.shape[2]), dtype=np.float64)
-    np.cumsum(image, axis=0, dtype=np.float64, out=cum[1:])
     rows = (cum[a1] - cum[a0]) / (a1 - a0)[:, None, None]
-    cum = np.zeros((oh, w + 1, image.shape[2]), dtype=np.float64)
-    np.cumsum(rows, axis=1, out=cum[:, 1:])
-    return ((cum[:, b1] - cum[:, b0]) / (b1 - b0)[None, :, None]).astype(np.float32)
+    cum_c = np.zeros((oh, w + 1, cum.shape[2]), dtype=np.float64)
+    np.cumsum(rows, axis=1, out=cum_c[:, 1:])
+    return ((cum_c[:, b1] - cum_c[:, b0]) / (b1 - b0)[None, :, None]).astype(np.float32)
+
+
+def area_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``F.interpolate(mode="area")`` of an (h, w, c) array to (oh, ow, c) float32, via per-axis cumulative sums.
+
+    Same bins as torch (results agree to float rounding, ~1e-5), but one pass over the input instead of torch's
+    slow CPU adaptive pooling (~20 ns per input value: 25 ms for one 600 px face crop).
+    """
+    return _area_from_rows(_row_cumsum(image), size)
 
 
 def _normalise(images: np.ndarray) -> torch.Tensor:
-    """(N, h, w, 3) float pixels -> (N, 3, h, w) network input in channels-last memory (3x faster convs on CPU)."""
+    """(N, h, w, 3) float pixels -> (N, 3, h, w) network input (a channels-last view, no copy)."""
     return ((torch.from_numpy(images) - 127.5) * 0.0078125).permute(0, 3, 1, 2)
 
 
@@ -323,7 +333,6 @@ class MTCNN(nn.Module):
             sub = {k[len(name) + 1 :]: v.float() for k, v in state.items() if k.startswith(name + ".")}
             getattr(self, name).load_state_dict(sub)
         self.eval().requires_grad_(False)
-        self.to(memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def detect(
@@ -398,19 +407,10 @@ class MTCNN(nn.Module):
             s *= factor
             minl *= factor
 
-        # cumulative sums over rows, shared by all pyramid levels (see area_resize)
-        cum = np.zeros((sh + 1, sw, 3), dtype=np.float64)
-        if scales:
-            np.cumsum(img, axis=0, dtype=np.float64, out=cum[1:])
+        cum = _row_cumsum(img) if scales else None  # shared by all pyramid levels
         found = []
         for s in scales:
-            oh, ow = int(sh * s + 1), int(sw * s + 1)
-            a0, a1 = _bins(sh, oh)
-            b0, b1 = _bins(sw, ow)
-            rows = (cum[a1] - cum[a0]) / (a1 - a0)[:, None, None]
-            cum_c = np.zeros((oh, sw + 1, 3), dtype=np.float64)
-            np.cumsum(rows, axis=1, out=cum_c[:, 1:])
-            level = ((cum_c[:, b1] - cum_c[:, b0]) / (b1 - b0)[None, :, None]).astype(np.float32)
+            level = _area_from_rows(cum, (int(sh * s + 1), int(sw * s + 1)))
             reg, prob = self.pnet(_normalise(level[None]))
             boxes = _grid_boxes(reg[0], prob[0], s, threshold)
             keep = nms(boxes[:, :4].numpy(), boxes[:, 4].numpy(), 0.5)
