@@ -15,6 +15,7 @@ in --work, outside the repository; re-running resumes them.
 
     python benchmarks/protection.py --limit 20                     # every available row
     python benchmarks/protection.py --limit 10 --rows pgd,pgd-matched --no-robustness
+    python benchmarks/protection.py --limit 10 --rows pgd-plain --append       # add a row to the same table
 """
 
 from __future__ import annotations
@@ -129,14 +130,16 @@ def summary_row(name: str, res: dict[str, Any], extra: dict[str, Any]) -> dict[s
             "quality": res["quality"][mode],
         }
     row["seconds_per_face"] = res["timing"]["seconds_per_face"]
-    row["robustness_mean_1e-2"] = (
-        {m: {t: d["mean"].get("1e-2") for t, d in v.items()} for m, v in res["robustness"].items()}
+    row["robustness"] = (
+        {m: {t: {"mean": d["mean"], "kept": d["kept"], "clean_mean": d["clean_mean"]} for t, d in v.items()}
+         for m, v in res["robustness"].items()}
         if res.get("robustness") else None)
+    row["notes"] = res.get("notes", [])
     return row
 
 
 def _pct(v: float | None) -> str:
-    return "–" if v is None else f"{100 * v:.1f}"
+    return "–" if v is None or v != v else f"{100 * v:.1f}"  # None / NaN (kept of a zero PSR): no figure
 
 
 def _f(v: float | None, d: int = 3) -> str:
@@ -159,7 +162,8 @@ def markdown(report: dict[str, Any]) -> str:
             label = r["row"] + (f" (eps {r['matched']['eps_255']}/255)" if r.get("matched") else "")
             lines.append("| " + " | ".join([
                 label, mode, *[_pct(m["judges"].get(j, {}).get("psr", {}).get("1e-2")) for j in judges],
-                *[_pct(m["mean"].get(f)) for f in FARS], _f(q["face"]["ssim"]), _f(q["face"]["psnr"], 2),
+                *[f"{_pct(m['mean'].get(f))} ({_pct(m['clean_mean'].get(f))})" for f in FARS],
+                _f(q["face"]["ssim"]), _f(q["face"]["psnr"], 2),
                 _f(q["photo"]["ssim"]), _f(q["photo"]["psnr"], 2), _f(r["seconds_per_face"], 1)]) + " |")
     if rows:
         for mode, m in rows[0]["modes"].items():
@@ -168,18 +172,40 @@ def markdown(report: dict[str, Any]) -> str:
                                                for j in judges],
                 *[_pct(m["clean_mean"].get(f)) for f in FARS], "1", "∞", "1", "∞", "–"]) + " |")
     env = report["environment"]
+    commands = list(dict.fromkeys(r.get("command", report["command"]) for r in report["rows"]))
+    limits = sorted({r["n_identities"] for r in rows})
     out = [
         "# Protection benchmark (black-box PSR %, leave-one-out over the shipped FR zoo)", "",
-        f"`{report['command']}`", "",
-        f"{report['limit']} identities of the eval split of {report['data']}; both modes; PSR = share of protected "
+        *[f"`{c}`" for c in commands], "",
+        f"{'/'.join(map(str, limits)) or report['limit']} identities of the eval split of {report['data']}; both "
+        "modes; PSR = share of protected "
         "faces that the held-out judge no longer matches to another photo of the person (dodging) / matches to "
         "the target's test photo (impersonation); † = extra judge outside the attack zoo; mean = over every judge "
-        "listed. Quality on the face box "
+        "listed, with the clean (unprotected) rate in brackets. Quality on the face box "
         "and the whole photo. "
         f"Machine: {env['machine']}, {env['cpus']} CPUs shared with other jobs (load {env['load']}), torch "
         f"{env['torch']}, {env['threads']} thread(s); {report['started']}.", "",
         *lines, "",
     ]
+    rob = [r for r in rows if r.get("robustness")]
+    if rob:
+        names = list(next(iter(rob[0]["robustness"].values())))
+        out += ["Robustness: mean black-box PSR @1e-2 after each transform of the saved photo (face re-detected), "
+                "and in brackets the share of the untransformed PSR kept.", "",
+                "| row | mode | none | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 3)]
+        for r in rob:
+            for mode, by in r["robustness"].items():
+                before = r["modes"][mode]["mean"].get("1e-2")
+                out.append("| " + " | ".join([r["row"], mode, _pct(before), *[
+                    f"{_pct(by[t]['mean'].get('1e-2'))} ({_pct(by[t]['kept'].get('1e-2'))})" for t in names]]) + " |")
+        # the transform alone also breaks some matches: the clean photo's rate after the same transform
+        for mode, by in rob[0]["robustness"].items():
+            out.append("| " + " | ".join(["clean (unprotected)", mode, _pct(rob[0]["modes"][mode]["clean_mean"].get(
+                "1e-2")), *[_pct(by[t]["clean_mean"].get("1e-2")) for t in names]]) + " |")
+        out.append("")
+    notes = list(dict.fromkeys(n for r in rows for n in r.get("notes", [])))
+    if notes:
+        out += [f"- {n}" for n in notes] + [""]
     skipped = [r for r in report["rows"] if "modes" not in r]
     if skipped:
         out += [f"- {r['row']}: {r['status']}" for r in skipped] + [""]
@@ -205,6 +231,11 @@ def main() -> None:
     ap.add_argument("--no-robustness", dest="robustness", action="store_false",
                     help="skip re-scoring after the robustness transforms (on by default: every row's results.json "
                     "is then complete, and a row can share its folder with a full `fluxguard evaluate` run)")
+    ap.add_argument("--judges", default=None,
+                    help="comma-separated judging FR models (default: every available one, extra held-out ones too)")
+    ap.add_argument("--append", action="store_true",
+                    help="add these rows to an existing --out report (same-named rows are replaced), so rows run "
+                    "by separate invocations share one table")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "protection")
     args = ap.parse_args()
@@ -215,7 +246,7 @@ def main() -> None:
     from fluxguard.cli.protect import parse_params
     from fluxguard.data import find_faces_dir
     from fluxguard.eval.report import write_reports
-    from fluxguard.eval.runner import evaluate
+    from fluxguard.eval.runner import _clean_json, evaluate
 
     data = args.data or find_faces_dir()
     if data is None:
@@ -230,13 +261,17 @@ def main() -> None:
                         "threads": torch.get_num_threads()},
         "rows": [],
     }
+    if args.append and args.out.with_suffix(".json").is_file():
+        old = json.loads(args.out.with_suffix(".json").read_text())
+        report["rows"] = [r for r in old["rows"] if r["row"] not in args.rows.split(",")]
+    judges = [j.strip() for j in args.judges.split(",") if j.strip()] if args.judges else None
     for name in [r.strip() for r in args.rows.split(",") if r.strip()]:
         spec = specs[name]
         if spec.get("needs_lite") and not lite_available():
             report["rows"].append({"row": name, "status": "not run: the lite generator models are not shipped yet"})
             continue
         params = dict(spec["params"])
-        info: dict[str, Any] = {}
+        info: dict[str, Any] = {"command": report["command"]}
         if spec.get("matched"):
             print(f"[{name}] choosing eps for face SSIM >= {args.ssim}", flush=True)
             info["matched"] = matched_eps(data, args.work, params, args.ssim, args.calib_photos)
@@ -248,12 +283,12 @@ def main() -> None:
         print(f"[{name}] {spec['method']} {params} -> {folder}", flush=True)
         t0 = time.time()
         res = evaluate(spec["method"], data, folder, mode="both", limit=args.limit, robustness=args.robustness,
-                       purification="auto", write_report=False, **params)
+                       judges=judges, purification="auto", write_report=False, **params)
         # the folder may hold a run over more identities: this subset's reports get their own names
         write_reports(res, folder, prefix=f"bench-limit{args.limit}-")
         info["wall_seconds"] = round(time.time() - t0, 1)
         info["run_dir"] = str(folder)
-        report["rows"].append(summary_row(name, res, info))
+        report["rows"].append(_clean_json(summary_row(name, res, info)))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".json").write_text(json.dumps(report, indent=1))
         args.out.with_suffix(".md").write_text(markdown(report))
