@@ -94,6 +94,8 @@ def main() -> None:
     ap.add_argument("--cross-dim", type=int, default=64)
     ap.add_argument("--text-len", type=int, default=8)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--crop", type=int, default=0,
+                    help="train on random square latent windows of this side (0: whole latents)")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--cpu-minutes", type=float, default=60.0)
@@ -141,6 +143,9 @@ def main() -> None:
         for g in opt.param_groups:
             g["lr"] = lr
         x0 = lat[torch.randint(0, n, (args.batch,), generator=gen)]
+        if 0 < args.crop < h:
+            oy, ox = (int(torch.randint(0, (h - args.crop) // 8 + 1, (1,), generator=gen)) * 8 for _ in range(2))
+            x0 = x0[:, :, oy : oy + args.crop, ox : ox + args.crop]
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, 1000, (args.batch,), generator=gen)
         a = abar[t][:, None, None, None]

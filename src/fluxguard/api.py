@@ -45,7 +45,7 @@ def as_loaded(image: ImageInput, *, max_pixels: int | None = None) -> LoadedImag
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
             raise ConfigError(f"an image array must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
-        rgb = np.ascontiguousarray(image[..., :3])
+        rgb = np.array(image[..., :3], dtype=np.uint8, order="C")  # a private, writable copy
         return LoadedImage(rgb=rgb, format="PNG", source="<array>")
     kw = {} if max_pixels is None else {"max_pixels": max_pixels}
     return load_image(image, **kw)
@@ -78,6 +78,73 @@ def recognizers(names: Sequence[Any] | None = None, device: str = "cpu") -> list
 
     chosen = list(names) if names is not None else shipped_models()
     return [_recognizer(n, str(device)) if isinstance(n, str) else n for n in chosen]
+
+
+def resolve_device(device: str) -> str:
+    """Check a device name (``auto`` picks CUDA, then Apple MPS, then the CPU) before any model is loaded.
+
+    Raises:
+        ConfigError: an unknown device name, or a device this machine does not have.
+    """
+    name = str(device).strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        return "mps" if mps is not None and mps.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device {device!r}; use cpu, cuda, cuda:N, mps or auto") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} asked for, but torch sees no CUDA GPU here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ConfigError(f"device {device!r} asked for, but Apple MPS is not available here; use --device cpu")
+    elif dev.type != "cpu":
+        raise ConfigError(f"unsupported device {device!r}; use cpu, cuda, cuda:N, mps or auto")
+    return str(dev)
+
+
+def method_params(method: str, params: dict[str, Any] | None = None, *, model: str | None = None,
+                  edit: str | None = None, mode: str = "dodge") -> dict[str, Any]:
+    """Check parameters against a method before any model is loaded; map ``model``/``edit`` to its fields.
+
+    Args:
+        method: registry name.
+        params: method parameters (``--param key=value``).
+        model: generator weights (a Hugging Face id or a folder); only for methods with a generator.
+        edit: a text edit; only for methods with an ``edit_prompt`` (Flux-Guard).
+        mode: ``dodge`` or ``impersonate``.
+
+    Raises:
+        ConfigError: an unknown parameter, a flag the method does not support, or an unknown mode; never ignored.
+    """
+    from fluxguard.methods import METHODS
+
+    cls = METHODS[method]
+    if mode not in ("dodge", "impersonate"):
+        raise ConfigError(f"unknown mode {mode!r}; use dodge or impersonate")
+    out = dict(params or {})
+    names = cls.parameter_names()
+    if names:
+        unknown = sorted(set(out) - set(names))
+        if unknown:
+            raise ConfigError(f"method {method!r} has no parameter {unknown[0]!r}; valid: {', '.join(names)}")
+    if edit is not None:
+        if "edit_prompt" not in names:
+            raise ConfigError(f"method {method!r} does not support text edits (--edit); use --method fluxguard")
+        out["edit_prompt"] = edit
+    if model is not None:
+        if "model" not in names:
+            raise ConfigError(f"method {method!r} has no generator, so --model does not apply; it selects the FLUX "
+                              "weights of fluxguard or the Stable Diffusion weights of wdp")
+        out["model"] = model
+    return out
 
 
 def largest_face(faces: Sequence[Face]) -> Face:
@@ -153,6 +220,8 @@ class Protector:
         from fluxguard.methods import METHODS
 
         cls = METHODS[method]
+        params = method_params(method, params, mode=mode)  # a wrong name fails here, before any model loads
+        device = resolve_device(device)
         self.device = device
         self.attackers = recognizers(fr_models, device)
         self.judges = recognizers(judges, device)
@@ -160,6 +229,8 @@ class Protector:
         if strength is not None and strength not in presets:
             raise ConfigError(f"method {method!r} has no strength {strength!r}; valid: {', '.join(presets) or 'none'}")
         merged = {**(presets.get(strength, {}) if strength else {}), **params}
+        if "device" in cls.parameter_names() and "device" not in merged:
+            merged["device"] = device  # the generator runs where the FR models run
         self.method = cls(self.attackers, mode=mode, **merged)
         self.method_name = method
         self.strength = strength
@@ -285,12 +356,33 @@ def protect(
     mode: str = "dodge",
     target: ImageInput | None = None,
     fr_models: Sequence[str] | None = None,
+    judges: Sequence[str] | None = None,
     strength: str | None = None,
     seed: int = 0,
     device: str = "cpu",
     progress: ProgressFn | None = None,
     **params: Any,
 ) -> ProtectionResult:
-    """Protect every face in ``image``; see :class:`Protector` for the arguments."""
-    p = Protector(method, mode=mode, fr_models=fr_models, strength=strength, device=device, **params)
+    """Protect every face in ``image`` with one call (models are cached between calls).
+
+    Args:
+        image: a path, encoded bytes, an (H, W, 3) uint8 RGB array or a :class:`~fluxguard.io.LoadedImage`.
+        method: ``fluxguard``, ``wdp`` or ``pgd`` (``fluxguard.methods.METHODS``).
+        mode: ``dodge`` (FR must not match the person) or ``impersonate`` (match ``target``).
+        target: the photo of the identity to impersonate.
+        fr_models: the attacked FR models (default: every shipped one).
+        judges: the FR models that report similarity before/after (default: every shipped one).
+        strength: ``low``, ``medium`` (the method's defaults) or ``high``; ``params`` override it.
+        seed: seeds every random choice: the same seed gives the same pixels.
+        device: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto``.
+        progress: ``progress(stage, step, total)`` callback.
+        **params: method parameters (e.g. ``steps=20`` for pgd); an unknown name raises ConfigError.
+
+    Returns:
+        The protected image (same size), per-face similarities before/after, the parameters and timings.
+
+    Raises:
+        ImageError: the photo cannot be read. NoFaceError: no face found. ConfigError: bad parameters.
+    """
+    p = Protector(method, mode=mode, fr_models=fr_models, judges=judges, strength=strength, device=device, **params)
     return p.protect(image, target=target, seed=seed, progress=progress)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -241,7 +241,8 @@ class FluxGuard(ProtectionMethod):
     Args:
         recognizers: white-box FR ensemble (the attack surrogates).
         mode: dodging or impersonation.
-        config: :class:`FluxGuardConfig` (paper defaults).
+        config: :class:`FluxGuardConfig` (paper defaults); keyword overrides are applied on top
+            (``FluxGuard(frs, adam_steps=5)``).
         backend: a loaded :class:`~fluxguard.generators.flux.FluxBackend`; default: loaded lazily from
             ``config.model`` on first use.
         perceptual: a perceptual loss module ``(x, ref) -> (B,)`` in VGG relu3_4 MSE units; default from config
@@ -251,12 +252,24 @@ class FluxGuard(ProtectionMethod):
 
     name = "fluxguard"
     crop_size = 512
+    config_class = FluxGuardConfig
+    # The adversarial stage: where it starts (of num_steps=25; earlier = more steps attacked), Adam iterations per
+    # step, and the largest identity-loss weight of the adaptive schedule (medium = the authors' 20 / 10 / 1.0).
+    presets = {
+        "low": {"attack_start": 22, "adam_steps": 5, "w_max": 0.5},
+        "medium": {"attack_start": 20, "adam_steps": 10, "w_max": 1.0},
+        "high": {"attack_start": 17, "adam_steps": 15, "w_max": 2.0},
+    }
 
     def __init__(self, recognizers: Sequence[FaceRecognizer], *, mode: Mode | str = Mode.DODGE,
                  config: FluxGuardConfig | None = None, backend: Any = None, perceptual: nn.Module | None = None,
-                 landmarker: Any = None) -> None:
+                 landmarker: Any = None, **overrides: Any) -> None:
         super().__init__(recognizers, mode=mode)
-        self.config = config or FluxGuardConfig()
+        unknown = sorted(set(overrides) - {f.name for f in fields(FluxGuardConfig)})
+        if unknown:
+            raise ConfigError(f"fluxguard has no parameter {unknown[0]!r}; valid: "
+                              f"{', '.join(f.name for f in fields(FluxGuardConfig))}")
+        self.config = replace(config or FluxGuardConfig(), **overrides)
         self.config.validate()
         self.crop_size = self.config.crop_size
         self._backend = backend

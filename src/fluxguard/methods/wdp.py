@@ -337,6 +337,13 @@ class WDP(ProtectionMethod):
 
     name: ClassVar[str] = "wdp"
     crop_size: int = 256
+    config_class = WDPConfig
+    # Weight of the identity loss and adversarial AdamW iterations (medium = the paper's 0.003 and 30).
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "low": {"lambda_adv": 0.0015, "prot_steps": 15},
+        "medium": {"lambda_adv": 0.003, "prot_steps": 30},
+        "high": {"lambda_adv": 0.006, "prot_steps": 60},
+    }
 
     def __init__(
         self,
