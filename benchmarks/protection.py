@@ -38,8 +38,9 @@ EPS_GRID = tuple(range(8, 0, -1))  # eps candidates in 1/255 units for the match
 
 
 def lite_available() -> bool:
-    root = ROOT / "src" / "fluxguard" / "weights" / "lite"
-    return (root / "transformer").is_dir() or (root / "unet").is_dir()
+    from fluxguard.generators.lite import lite_dir
+
+    return (lite_dir() / "vae" / "config.json").is_file()
 
 
 def rows_spec(extra: dict[str, Any]) -> dict[str, dict[str, Any]]:

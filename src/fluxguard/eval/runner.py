@@ -797,21 +797,13 @@ def make_purifier(spec: Any, seed: int, device: str, notes: list[str]) -> Purifi
 
 def _lite_sd_backend(notes: list[str]) -> Any:
     """The lite UNet + VAE shipped with fluxguard as an SDBackend, or None (with a note) when this install has none."""
-    from fluxguard.generators.sd import SDBackend
-
     try:
         from fluxguard.generators.lite import load_lite_sd
-    except ImportError:
-        load_lite_sd = None
-    if load_lite_sd is not None:
-        try:
-            lite = load_lite_sd()
-        except FluxguardError:
-            lite = None
-        if lite is not None:
-            return SDBackend.from_components(lite.unet, lite.vae, lite.null_embeds, lite.scheduler, source="lite-sd")
-    notes.append("purification check not run: no SD-style backend is available here (the lite UNet is not shipped "
-                 "in this build and SD weights cannot be downloaded); pass --purification FOLDER")
+
+        return load_lite_sd()
+    except (ImportError, FluxguardError) as e:
+        notes.append(f"purification check not run: no SD-style backend is available here ({e}; SD weights cannot "
+                     "be downloaded); pass --purification FOLDER")
     return None
 
 
