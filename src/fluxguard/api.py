@@ -139,6 +139,11 @@ def method_params(method: str, params: dict[str, Any] | None = None, *, model: s
         if "edit_prompt" not in names:
             raise ConfigError(f"method {method!r} does not support text edits (--edit); use --method fluxguard")
         out["edit_prompt"] = edit
+        from fluxguard.generators.lite import is_lite
+
+        if edit and is_lite(model or out.get("model") or "lite"):
+            raise ConfigError("the built-in lite models have no text encoders, so --edit needs a FLUX model with them: "
+                              "add --model black-forest-labs/FLUX.1-dev (or a local FLUX folder)")
     if model is not None:
         if "model" not in names:
             raise ConfigError(f"method {method!r} has no generator, so --model does not apply; it selects the FLUX "

@@ -187,6 +187,11 @@ def protect(
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "photos": [],
     }
+    notes = _method_notes(protector)
+    for note in notes:
+        console.print(f"[yellow]note:[/] {note}")
+    if notes:
+        record["notes"] = notes
     counts = {"protected": 0, "skipped": 0, "no_face": 0, "failed": 0}
     from rich.progress import (
         BarColumn,
@@ -253,6 +258,18 @@ def protect(
         raise typer.Exit(EXIT_SOME_FAILED)
     if counts["no_face"]:
         raise typer.Exit(EXIT_NO_FACE)
+
+
+def _method_notes(protector: Any) -> list[str]:
+    """What the user should know about how the method will run (said on the console and in the summary)."""
+    from fluxguard.generators.lite import is_lite
+
+    config = getattr(protector.method, "config", None)
+    if protector.method_name == "fluxguard" and config is not None and is_lite(config.model):
+        return ["Flux-Guard runs on the built-in lite models, which have no text encoders: the face is protected "
+                "without a text edit. For edits, use --model black-forest-labs/FLUX.1-dev (or a local FLUX folder) "
+                "with --edit."]
+    return []
 
 
 def _demo_photo(out: Path) -> Path:
