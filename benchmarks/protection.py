@@ -204,6 +204,9 @@ def markdown(report: dict[str, Any]) -> str:
             out.append("| " + " | ".join(["clean (unprotected)", mode, _pct(rob[0]["modes"][mode]["clean_mean"].get(
                 "1e-2")), *[_pct(by[t]["clean_mean"].get("1e-2")) for t in names]]) + " |")
         out.append("")
+    out += [f"- {r['row']}: {r['method']} {json.dumps(r['params'], sort_keys=True)}, {r['n_identities']} identities, "
+            f"{r.get('wall_seconds', '–')} s wall for the last invocation (cached work is resumed)" for r in rows]
+    out.append("")
     notes = list(dict.fromkeys(n for r in rows for n in r.get("notes", [])))
     if notes:
         out += [f"- {n}" for n in notes] + [""]
