@@ -71,11 +71,16 @@ def _recognizer(name: str, device: str) -> Any:
     return load_recognizer(name, device=device)
 
 
-def recognizers(names: Sequence[str] | None = None, device: str = "cpu") -> list:
-    """Loaded FR models (cached per process); ``None`` = every model whose weights ship with fluxguard."""
+def recognizers(names: Sequence[Any] | None = None, device: str = "cpu") -> list:
+    """Loaded FR models (cached per process); ``None`` = every model whose weights ship with fluxguard.
+
+    Entries are model names or already-built :class:`~fluxguard.recognition.base.FaceRecognizer` objects (kept as
+    they are: the evaluation passes its own instances, tests pass stand-in models).
+    """
     from fluxguard.recognition import shipped_models
 
-    return [_recognizer(n, str(device)) for n in (list(names) if names else shipped_models())]
+    chosen = list(names) if names is not None else shipped_models()
+    return [_recognizer(n, str(device)) if isinstance(n, str) else n for n in chosen]
 
 
 def resolve_device(device: str) -> str:
@@ -202,8 +207,8 @@ class Protector:
     Args:
         method: registry name (``fluxguard.methods.METHODS``).
         mode: ``"dodge"`` or ``"impersonate"``.
-        fr_models: the attack ensemble (default: every shipped FR model).
-        judges: FR models that report before/after similarity (default: every shipped FR model).
+        fr_models: the attack ensemble, names or FaceRecognizer objects (default: every shipped FR model).
+        judges: FR models that report before/after similarity (default: every shipped FR model; ``[]``: none).
         strength: a preset of the method (``low``/``medium``/``high``); explicit ``params`` override it.
         device: ``"cpu"``, ``"cuda"``, ...
         params: method parameters (see each method's config).
@@ -214,8 +219,8 @@ class Protector:
         method: str = DEFAULT_METHOD,
         *,
         mode: str = "dodge",
-        fr_models: Sequence[str] | None = None,
-        judges: Sequence[str] | None = None,
+        fr_models: Sequence[Any] | None = None,
+        judges: Sequence[Any] | None = None,
         strength: str | None = None,
         device: str = "cpu",
         **params: Any,
@@ -227,7 +232,7 @@ class Protector:
         device = resolve_device(device)
         self.device = device
         self.attackers = recognizers(fr_models, device)
-        self.judges = recognizers(judges, device) if judges is not None else recognizers(None, device)
+        self.judges = recognizers(judges, device)
         presets: dict[str, dict[str, Any]] = getattr(cls, "presets", {})
         if strength is not None and strength not in presets:
             raise ConfigError(f"method {method!r} has no strength {strength!r}; valid: {', '.join(presets) or 'none'}")
@@ -257,14 +262,31 @@ class Protector:
         seed: int = 0,
         progress: ProgressFn | None = None,
         max_pixels: int | None = None,
+        faces: Sequence[Face] | None = None,
+        target_face: Face | None = None,
     ) -> ProtectionResult:
+        """Protect the faces of ``image`` (every detected face, or only ``faces`` when given).
+
+        Args:
+            image: the photo.
+            target: photo of the identity to impersonate (impersonation only).
+            seed: seeds the method's random choices.
+            progress: ``progress(stage, step, total)`` callback.
+            max_pixels: refuse larger photos (decompression-bomb guard of :func:`fluxguard.io.load_image`).
+            faces: faces already found in ``image`` (e.g. from a detection cache, or a user's choice); skips
+                detection and protects only these.
+            target_face: the face to use in ``target`` (else the largest one detected there).
+        """
         from fluxguard.faces import align_faces, paste_back
-        from fluxguard.faces.detect import detect_faces
 
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
         loaded = as_loaded(image, max_pixels=max_pixels)
-        faces = detect_faces(loaded.rgb)
+        if faces is None:
+            from fluxguard.faces.detect import detect_faces
+
+            faces = detect_faces(loaded.rgb)
+        faces = list(faces)
         timings["detect"] = time.perf_counter() - t0
         if not faces:
             raise NoFaceError("no face found in the photo; nothing to protect", path=loaded.source)
@@ -278,10 +300,14 @@ class Protector:
             if target is None:
                 raise ConfigError("impersonation needs a target photo (--target PHOTO)")
             tl = as_loaded(target, max_pixels=max_pixels)
-            tfaces = detect_faces(tl.rgb)
-            if not tfaces:
-                raise NoFaceError("no face found in the target photo", path=tl.source)
-            tface = largest_face(tfaces)
+            if target_face is None:
+                from fluxguard.faces.detect import detect_faces
+
+                tfaces = detect_faces(tl.rgb)
+                if not tfaces:
+                    raise NoFaceError("no face found in the target photo", path=tl.source)
+                target_face = largest_face(tfaces)
+            tface = target_face
             tphoto = to_tensor(tl.rgb, self.device)
             target_crop = align_faces(tphoto, [tface.landmarks], size)[0].crop[None]
             target_emb = self._similarities(tphoto, tface.landmarks)
