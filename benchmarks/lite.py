@@ -103,7 +103,8 @@ def end_to_end(threads: int) -> dict[str, float]:
     t0 = time.perf_counter()
     res = p.protect(photo, seed=0)
     return {"threads": threads, "load_s": round(load_s, 2), "protect_s": round(time.perf_counter() - t0, 2),
-            "photo_px": list(photo.shape[:2]), "faces": len(res.faces), "fr_models": [r.spec.name for r in p.attackers],
+            "photo_px": list(photo.shape[:2]), "faces": len(res.faces),
+            "fr_models": [r.spec.name for r in p.attackers],
             "timings": {k: round(v, 2) for k, v in res.timings.items()}}
 
 
@@ -115,7 +116,8 @@ def main() -> None:
 
     flux, sd = load_lite_flux(), load_lite_sd()
     res: dict = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-                 "size": LITE_SIZE, "latent": list(encode_latents(flux.vae, torch.rand(1, 3, LITE_SIZE, LITE_SIZE)).shape[1:])}
+                 "size": LITE_SIZE}
+    res["latent"] = list(encode_latents(flux.vae, torch.rand(1, 3, LITE_SIZE, LITE_SIZE)).shape[1:])
     pack_path = Path(args.pack)
     if pack_path.is_file():
         pack = np.load(pack_path, mmap_mode="r")
@@ -135,13 +137,17 @@ def main() -> None:
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "lite.json").write_text(json.dumps(res, indent=2) + "\n")
-    lines = [f"# Lite generators (size {LITE_SIZE}, latent {res['latent']}, {res['machine']}, torch {res['torch']})", ""]
+    lines = [f"# Lite generators (size {LITE_SIZE}, latent {res['latent']}, {res['machine']}, "
+             f"torch {res['torch']})", ""]
     if "quality" in res:
         q = res["quality"]
-        lines += ["| held-out crops | n | PSNR mean (dB) | PSNR p05 | SSIM mean | SSIM p05 |", "|---|---|---|---|---|---|",
-                  f"| all | {q['n']} | {q['psnr_mean']:.2f} | {q['psnr_p05']:.2f} | {q['ssim_mean']:.4f} | {q['ssim_p05']:.4f} |"]
+        lines += ["| held-out crops | n | PSNR mean (dB) | PSNR p05 | SSIM mean | SSIM p05 |",
+                  "|---|---|---|---|---|---|",
+                  f"| all | {q['n']} | {q['psnr_mean']:.2f} | {q['psnr_p05']:.2f} | {q['ssim_mean']:.4f} "
+                  f"| {q['ssim_p05']:.4f} |"]
         if q.get("n_full"):
-            lines.append(f"| coverage >= 0.95 | {q['n_full']} | {q['psnr_full_mean']:.2f} | | {q['ssim_full_mean']:.4f} | |")
+            lines.append(f"| coverage >= 0.95 | {q['n_full']} | {q['psnr_full_mean']:.2f} | "
+                         f"| {q['ssim_full_mean']:.4f} | |")
         lines.append("")
     lines += ["| call (batch 1) | 1 thread wall ms | 1 thread CPU ms | 2 threads wall ms | 2 threads CPU ms |",
               "|---|---|---|---|---|"]

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _lite_common import load_pack, psnr_ssim, to_tensor
 from safetensors.torch import load_file, save_file
 
-from _lite_common import load_pack, psnr_ssim, to_tensor
 from fluxguard.generators.flux import NULL_PROMPT_FILE
 from fluxguard.generators.sd import NULL_EMBEDDING_FILE, NULL_EMBEDDING_KEY
 
@@ -93,7 +93,8 @@ def export_flow(src: Path, report: dict) -> None:
     with torch.no_grad():
         for m, e in ((tr, emb), (half, emb16)):
             outs.append(m(hidden_states=tok, encoder_hidden_states=e["prompt_embeds"].expand(2, -1, -1),
-                          pooled_projections=e["pooled_prompt_embeds"].expand(2, -1), timestep=torch.tensor([0.3, 0.8]),
+                          pooled_projections=e["pooled_prompt_embeds"].expand(2, -1),
+                          timestep=torch.tensor([0.3, 0.8]),
                           img_ids=ids, txt_ids=torch.zeros(e["prompt_embeds"].shape[1], 3)).sample)
     report["transformer"] = {"rel_err_fp16": _rel(outs[1], outs[0])}
     if report["transformer"]["rel_err_fp16"] > 5e-3:

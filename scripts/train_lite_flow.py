@@ -1,4 +1,4 @@
-"""Train the lite rectified-flow FluxTransformer2DModel (diffusers) on cached lite-VAE latents of the face pack, on CPU.
+"""Train the lite rectified-flow FluxTransformer2DModel (diffusers) on cached lite-VAE latents of the face pack (CPU).
 
 Unconditional with a learned null prompt: ``prompt_embeds`` (1, L, joint_attention_dim) and
 ``pooled_prompt_embeds`` (1, pooled_projection_dim) are trained with the model and shipped beside it. Objective in
@@ -23,9 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-
 from _lite_common import CACHE, EMA, RunLog, cached_latents, save_checkpoint
+from torch import nn
 
 BASE_SEQ, MAX_SEQ, BASE_SHIFT, MAX_SHIFT = 256, 4096, 0.5, 1.15  # FLUX.1-dev scheduler values
 

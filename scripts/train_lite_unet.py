@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
-
 from _lite_common import CACHE, EMA, RunLog, cached_latents, save_checkpoint
+from torch import nn
 
 
 class NullUNet(nn.Module):
@@ -52,7 +51,8 @@ def make_unet(args, sample_size: int) -> nn.Module:
         block_out_channels=ch,
         layers_per_block=args.layers,
         down_block_types=tuple(down),
-        up_block_types=tuple("CrossAttnUpBlock2D" if b.startswith("CrossAttn") else "UpBlock2D" for b in reversed(down)),
+        up_block_types=tuple("CrossAttnUpBlock2D" if b.startswith("CrossAttn") else "UpBlock2D"
+                             for b in reversed(down)),
         cross_attention_dim=args.cross_dim,
         attention_head_dim=heads,  # legacy name: the number of heads per block
         use_linear_projection=True,

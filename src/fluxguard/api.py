@@ -145,7 +145,8 @@ def method_params(method: str, params: dict[str, Any] | None = None, *, model: s
         from fluxguard.generators.lite import is_lite
 
         if edit and is_lite(model or out.get("model") or "lite"):
-            raise ConfigError("the built-in lite models have no text encoders, so --edit needs a FLUX model with them: "
+            raise ConfigError("the built-in lite models have no text encoders, so --edit needs a FLUX model with "
+                              "them: "
                               "add --model black-forest-labs/FLUX.1-dev (or a local FLUX folder)")
     if model is not None:
         if "model" not in names:

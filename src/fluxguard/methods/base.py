@@ -19,7 +19,7 @@ from fluxguard.errors import ConfigError
 from fluxguard.recognition.base import FaceRecognizer
 
 
-class Mode(str, Enum):
+class Mode(str, Enum):  # noqa: UP042 (str mix-in: Mode("dodge") and plain-string comparisons, Python 3.11)
     """Dodging: no FR model should match the protected face to its person. Impersonation: match a chosen target."""
 
     DODGE = "dodge"
