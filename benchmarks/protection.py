@@ -210,6 +210,7 @@ def markdown(report: dict[str, Any]) -> str:
     notes = list(dict.fromkeys(n for r in rows for n in r.get("notes", [])))
     if notes:
         out += [f"- {n}" for n in notes] + [""]
+    out += [f"Note: {n}" for n in report.get("notes", [])] + ([""] if report.get("notes") else [])
     skipped = [r for r in report["rows"] if "modes" not in r]
     if skipped:
         out += [f"- {r['row']}: {r['status']}" for r in skipped] + [""]
@@ -240,6 +241,7 @@ def main() -> None:
     ap.add_argument("--append", action="store_true",
                     help="add these rows to an existing --out report (same-named rows are replaced), so rows run "
                     "by separate invocations share one table")
+    ap.add_argument("--note", action="append", default=[], help="a line for the report (kept with --append)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "protection")
     args = ap.parse_args()
@@ -268,6 +270,8 @@ def main() -> None:
     if args.append and args.out.with_suffix(".json").is_file():
         old = json.loads(args.out.with_suffix(".json").read_text())
         report["rows"] = [r for r in old["rows"] if r["row"] not in args.rows.split(",")]
+        report["notes"] = old.get("notes", [])
+    report["notes"] = [*report.get("notes", []), *args.note]
     judges = [j.strip() for j in args.judges.split(",") if j.strip()] if args.judges else None
     for name in [r.strip() for r in args.rows.split(",") if r.strip()]:
         spec = specs[name]
