@@ -7,6 +7,7 @@ Rows:
                calib-split photos (never the evaluated ones): the comparison a generative method must win
   wdp          WDP on the lite SD model       } only once the lite models ship
   fluxguard    Flux-Guard on the lite FLUX model } (fluxguard/weights/lite)
+  fluxguard-low  Flux-Guard, strength "low" (5 Adam iterations per attacked step, w_max 0.5): higher quality
 
 One table: black-box PSR (per judge at FAR 1e-2 and the mean at 1e-1 / 1e-2 / 1e-3) for dodging and
 impersonation, image quality (face and photo SSIM / PSNR) and seconds per protected face; written as JSON + Markdown
@@ -50,6 +51,7 @@ def rows_spec(extra: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "pgd-matched": {"method": "pgd", "params": dict(extra), "matched": True},
         "wdp": {"method": "wdp", "params": {}, "needs_lite": True},
         "fluxguard": {"method": "fluxguard", "params": {}, "needs_lite": True},
+        "fluxguard-low": {"method": "fluxguard", "params": {"strength": "low"}, "needs_lite": True},
     }
 
 
@@ -135,6 +137,11 @@ def summary_row(name: str, res: dict[str, Any], extra: dict[str, Any]) -> dict[s
         {m: {t: {"mean": d["mean"], "kept": d["kept"], "clean_mean": d["clean_mean"]} for t, d in v.items()}
          for m, v in res["robustness"].items()}
         if res.get("robustness") else None)
+    pur = res.get("purification")
+    row["purification"] = (
+        {"config": pur["config"], **{m: {"mean": d["mean"], "kept": d["kept"], "clean_mean": d["clean_mean"]}
+                                     for m, d in pur.items() if m != "config"}}
+        if pur else None)
     row["notes"] = res.get("notes", [])
     return row
 
@@ -203,6 +210,20 @@ def markdown(report: dict[str, Any]) -> str:
         for mode, by in rob[0]["robustness"].items():
             out.append("| " + " | ".join(["clean (unprotected)", mode, _pct(rob[0]["modes"][mode]["clean_mean"].get(
                 "1e-2")), *[_pct(by[t]["clean_mean"].get("1e-2")) for t in names]]) + " |")
+        out.append("")
+    pur = [r for r in rows if r.get("purification")]
+    if pur:
+        out += [f"Diffusion purification ({json.dumps(pur[0]['purification']['config'], sort_keys=True)}): mean "
+                "black-box PSR @1e-2 of the saved photo, after purifying the face, the share kept, and the clean "
+                "photo's rate after the same purification.", "",
+                "| row | mode | saved | purified | kept | clean purified |", "|---|---|---|---|---|---|"]
+        for r in pur:
+            for mode, d in r["purification"].items():
+                if mode == "config":
+                    continue
+                out.append("| " + " | ".join([r["row"], mode, _pct(r["modes"][mode]["mean"].get("1e-2")),
+                                              _pct(d["mean"].get("1e-2")), _pct(d["kept"].get("1e-2")),
+                                              _pct(d["clean_mean"].get("1e-2"))]) + " |")
         out.append("")
     out += [f"- {r['row']}: {r['method']} {json.dumps(r['params'], sort_keys=True)}, {r['n_identities']} identities, "
             f"{r.get('wall_seconds', '–')} s wall for the last invocation (cached work is resumed)" for r in rows]
