@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,51 @@ def _write_summary(path: Path, summary: dict) -> None:
     write_bytes_atomic(path, json.dumps(summary, indent=2).encode(), overwrite=True)
 
 
+@dataclass(frozen=True)
+class BatchJob:
+    """What every photo of a batch shares; picklable, so Ray workers (``fluxguard.dist``) get the same job."""
+
+    out: Path
+    suffix: str = "_protected"
+    overwrite: bool = False
+    quality: int | None = None
+    seed: int = 0
+    target: Path | None = None
+
+
+def protect_one(protector: Any, src: Path, job: BatchJob, progress: Any = None) -> dict[str, Any]:
+    """Protect one photo of a batch into ``job.out``: the summary entry (status protected, skipped, no_face or
+    failed). The local batch and every Ray worker run this, so both write the same files the same way."""
+    from fluxguard.io import load_image, output_path
+
+    entry: dict[str, Any] = {"input": str(src)}
+    try:
+        loaded = load_image(src)
+        dest = output_path(src, job.out, loaded.save_format, job.suffix)
+        entry["output"] = str(dest)
+        if dest.exists() and not job.overwrite:
+            entry["status"] = "skipped"  # finished by an earlier run (outputs are written atomically)
+        else:
+            res = protector.protect(loaded, target=job.target, seed=job.seed, progress=progress)
+            res.save(dest, overwrite=job.overwrite, quality=job.quality)
+            entry.update(status="protected", faces=[f.to_dict() for f in res.faces],
+                         timings={k: round(v, 3) for k, v in res.timings.items()})
+    except NoFaceError as e:
+        entry.update(status="no_face", message=str(e))
+    except FluxguardError as e:
+        entry.update(status="failed", message=str(e))
+    return entry
+
+
+def batch_exit_code(counts: dict[str, int]) -> int:
+    """The batch's exit code from its status counts (see the epilog of ``fluxguard protect``)."""
+    if counts["failed"]:
+        return EXIT_SOME_FAILED
+    if counts["no_face"]:
+        return EXIT_NO_FACE
+    return EXIT_OK
+
+
 @app.command(
     epilog="Exit codes: 0 all photos protected; 3 some photos had no face; 4 some photos failed; "
     "1/2 bad arguments or input.\n\n"
@@ -110,10 +156,22 @@ def protect(
     demo: bool = typer.Option(False, "--demo", help="Protect a sample photo (skimage's astronaut)."),
     summary: Path | None = typer.Option(None, "--summary", help=f"JSON summary path (default OUT/{SUMMARY_NAME})."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+    ray: str | None = typer.Option(None, "--ray", metavar="ADDRESS", help="Run on Ray (pip install "
+                                   "'fluxguard[dist]'): 'local' starts Ray on this machine, 'auto' joins the cluster "
+                                   "this machine belongs to, else a head address (host:6379, ray://host:10001).",
+                                   rich_help_panel="Ray"),
+    ray_workers: int | None = typer.Option(None, "--ray-workers", min=1, help="Workers, each loading the models "
+                                           "once (default: as many as the cluster's CPUs, or GPUs with --device "
+                                           "cuda, allow).", rich_help_panel="Ray"),
+    ray_cpus: float = typer.Option(1.0, "--ray-cpus", min=0.1, help="CPUs per worker (its torch threads).",
+                                   rich_help_panel="Ray"),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Photos a worker takes at a time.",
+                                   rich_help_panel="Ray"),
 ) -> None:
     """Protect every face in PHOTOS; write protected copies to OUT (never over the originals)."""
+    import functools
+
     from fluxguard.api import Protector
-    from fluxguard.io import load_image, output_path
 
     params = parse_params(param)
     if model is not None:
@@ -132,12 +190,13 @@ def protect(
     out.mkdir(parents=True, exist_ok=True)
     summary_path = summary or out / SUMMARY_NAME
 
-    protector = Protector(method, mode=mode, fr_models=split_names(fr_models), strength=strength, device=device,
-                          **params)
+    make_protector = functools.partial(Protector, method, mode=mode, fr_models=split_names(fr_models),
+                                       strength=strength, device=device, **params)
+    job = BatchJob(out=out, suffix=suffix, overwrite=overwrite, quality=quality, seed=seed, target=target)
     record: dict[str, Any] = {
         "method": method,
         "mode": mode,
-        "params": protector.params(),
+        "params": None,
         "seed": seed,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "photos": [],
@@ -154,24 +213,19 @@ def protect(
         def on_progress(stage: str, step: int, total: int) -> None:
             bar.update(stage_task, description=f"  {stage}", completed=step, total=total, visible=True)
 
-        for src in inputs:
-            entry: dict[str, Any] = {"input": str(src)}
-            try:
-                loaded = load_image(src)
-                dest = output_path(src, out, loaded.save_format, suffix)
-                entry["output"] = str(dest)
-                if dest.exists() and not overwrite:
-                    entry["status"] = "skipped"  # finished by an earlier run (outputs are written atomically)
-                else:
-                    res = protector.protect(loaded, target=target, seed=seed, progress=on_progress)
-                    res.save(dest, overwrite=overwrite, quality=quality)
-                    entry.update(status="protected", faces=[f.to_dict() for f in res.faces],
-                                 timings={k: round(v, 3) for k, v in res.timings.items()})
-            except NoFaceError as e:
-                entry.update(status="no_face", message=str(e))
-            except FluxguardError as e:
-                entry.update(status="failed", message=str(e))
-                console.print(f"[red]failed:[/] {e}")
+        if ray is None:
+            protector = make_protector()
+            results = ((protect_one(protector, src, job, on_progress), protector.params()) for src in inputs)
+        else:
+            from fluxguard import dist
+
+            # The same protect_one, in Ray workers that load the models once; entries come back as they finish.
+            results = dist.protect_photos(inputs, make_protector, job, address=ray, workers=ray_workers,
+                                          num_cpus=ray_cpus, device=device, batch_size=batch_size)
+        for entry, run_params in results:
+            record["params"] = run_params
+            if entry["status"] == "failed":
+                console.print(f"[red]failed:[/] {entry['message']}")
             counts[entry["status"]] += 1
             record["photos"].append(entry)
             record["counts"] = counts
@@ -179,6 +233,8 @@ def protect(
             bar.advance(photos_task)
             bar.update(stage_task, visible=False)
 
+    order = {str(p): i for i, p in enumerate(inputs)}
+    record["photos"].sort(key=lambda e: order[e["input"]])  # Ray finishes photos out of order
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     _write_summary(summary_path, record)
     if json_out:
@@ -187,10 +243,9 @@ def protect(
         print_json(record)
     else:
         _print_table(record)
-    if counts["failed"]:
-        raise typer.Exit(EXIT_SOME_FAILED)
-    if counts["no_face"]:
-        raise typer.Exit(EXIT_NO_FACE)
+    code = batch_exit_code(counts)
+    if code != EXIT_OK:
+        raise typer.Exit(code)
 
 
 def _demo_photo(out: Path) -> Path:
