@@ -263,7 +263,8 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def protect_shard(protect: TemplateProtectFn, src: Path, out: Path, *, seed: int = 0, key: str = "embeddings",
-                  chunk: int = 4096, overwrite: bool = False, describe: dict[str, Any] | None = None) -> dict[str, Any]:
+                  chunk: int = 4096, overwrite: bool = False,
+                  describe: dict[str, Any] | None = None) -> dict[str, Any]:
     """Protect one shard into ``out/<same name>``: its summary entry (status protected, skipped or failed).
 
     Rows go through ``protect`` ``chunk`` at a time with one generator seeded by :func:`shard_seed`, so a shard's
