@@ -72,14 +72,38 @@ def connect(address: str = LOCAL, *, num_cpus: int | None = None) -> Any:
     if ray.is_initialized():
         return ray
     if address == LOCAL:
-        # Local workers import fluxguard from where this process found it (a source checkout works too).
-        src = str(Path(__file__).resolve().parent.parent)
-        path = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
-                 runtime_env={"env_vars": {"PYTHONPATH": path}})
-    else:
-        ray.init(address=address, logging_level=logging.WARNING)
+        return start_local(num_cpus)
+    ray.init(address=address, logging_level=logging.WARNING)
     return ray
+
+
+def start_local(num_cpus: int | None = None, *, paths: Sequence[str | os.PathLike[str]] = (),
+                env: dict[str, str] | None = None, system_config: dict[str, Any] | None = None,
+                attempts: int = 3) -> Any:
+    """Start Ray on this machine; workers import fluxguard from where this process found it (a checkout works).
+
+    Args:
+        num_cpus: CPUs Ray may use (default: all).
+        paths: more folders for the workers' ``PYTHONPATH``.
+        env: more environment variables of the workers.
+        system_config: Ray's ``_system_config`` (e.g. ``{"worker_niceness": 0}``).
+        attempts: tries; on a busy machine the raylet can give up waiting for its agents (ray-project/ray#65983).
+    """
+    ray = _ray()
+    src = str(Path(__file__).resolve().parent.parent)
+    path = os.pathsep.join(str(p) for p in (src, *paths, os.environ.get("PYTHONPATH", "")) if p)
+    kw: dict[str, Any] = {"_system_config": system_config} if system_config else {}
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+                     runtime_env={"env_vars": {"PYTHONPATH": path, **(env or {})}}, **kw)
+            return ray
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception when its node does not come up
+            ray.shutdown()
+            if attempt == attempts:
+                raise FluxguardError(f"could not start a local Ray ({e}); see /tmp/ray/session_latest/logs") from e
+            log.warning("starting Ray failed (%s); trying again", e)
+    raise AssertionError("unreachable")
 
 
 def _pool_size(ray: Any, workers: int | None, num_cpus: float, num_gpus: float) -> int:
@@ -105,6 +129,11 @@ def _map(items: list[dict[str, Any]], worker: type, ctor: dict[str, Any], *, wor
     """Stream ``worker(batch)`` rows back as batches finish (a fixed pool of ``workers`` actors)."""
     import ray.data
 
+    have = ray.cluster_resources()
+    for name, need in (("CPU", num_cpus), ("GPU", num_gpus)):
+        if need and have.get(name, 0) < need:  # Ray would wait for such a worker forever
+            raise ConfigError(f"each worker asks for {need:g} {name}(s) but the Ray cluster has "
+                              f"{have.get(name, 0):g}")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the caller shows its own progress
     blocks = max(1, math.ceil(len(items) / batch_size))
@@ -165,6 +194,7 @@ def protect_photos(
     workers: int | None = None,
     num_cpus: float = 1.0,
     device: str = "cpu",
+    num_gpus: float | None = None,
     batch_size: int = 1,
 ) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
     """Protect photos on Ray; yields ``(summary entry, protector params)`` per photo as photos finish.
@@ -178,13 +208,14 @@ def protect_photos(
         workers: actors (default: the cluster's CPUs / ``num_cpus``, or its GPUs with ``device="cuda"``).
         num_cpus: CPUs per actor (its torch threads).
         device: ``cuda`` gives each actor one GPU.
+        num_gpus: GPUs per actor instead (a fraction packs several actors on one GPU).
         batch_size: photos an actor takes at a time.
 
     Raises:
         MissingDependencyError: ray is not installed. FluxguardError: the workers cannot build the protector.
     """
     ray = connect(address)
-    num_gpus = worker_gpus(ray, device)
+    num_gpus = worker_gpus(ray, device) if num_gpus is None else num_gpus
     n_workers = min(_pool_size(ray, workers, num_cpus, num_gpus), max(1, len(inputs)))
     items = [{"index": i, "path": str(p)} for i, p in enumerate(inputs)]
     ctor = {"make_protector": make_protector, "job": job, "num_cpus": num_cpus}

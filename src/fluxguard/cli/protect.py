@@ -165,6 +165,9 @@ def protect(
                                            "cuda, allow).", rich_help_panel="Ray"),
     ray_cpus: float = typer.Option(1.0, "--ray-cpus", min=0.1, help="CPUs per worker (its torch threads).",
                                    rich_help_panel="Ray"),
+    ray_gpus: float | None = typer.Option(None, "--ray-gpus", min=0.0, help="GPUs per worker (default: 1 with "
+                                          "--device cuda, else 0); 0.5 puts two workers on a GPU.",
+                                          rich_help_panel="Ray"),
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="Photos a worker takes at a time.",
                                    rich_help_panel="Ray"),
 ) -> None:
@@ -202,7 +205,14 @@ def protect(
         "photos": [],
     }
     counts = {"protected": 0, "skipped": 0, "no_face": 0, "failed": 0}
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("eta"), TimeRemainingColumn()]
@@ -221,7 +231,8 @@ def protect(
 
             # The same protect_one, in Ray workers that load the models once; entries come back as they finish.
             results = dist.protect_photos(inputs, make_protector, job, address=ray, workers=ray_workers,
-                                          num_cpus=ray_cpus, device=device, batch_size=batch_size)
+                                          num_cpus=ray_cpus, device=device, num_gpus=ray_gpus,
+                                          batch_size=batch_size)
         for entry, run_params in results:
             record["params"] = run_params
             if entry["status"] == "failed":
