@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from fluxguard.cli.protect import BatchJob, expand_inputs
 from fluxguard.errors import FluxguardError, MissingDependencyError
 
 TESTS = Path(__file__).resolve().parent
-SRC = TESTS.parent / "src"
 FACE_PHOTOS = ("a", "b", "c")
 
 
@@ -29,12 +27,11 @@ def ray_cluster():
     ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'fluxguard[dist]')")
     pytest.importorskip("ray.data")
     if not ray.is_initialized():
-        # Workers import fluxguard from this checkout and the picklable stand-ins from tests/dist_helpers.py.
-        path = os.pathsep.join([str(SRC), str(TESTS)])
-        # Niceness 0: Ray's default (15) starves the workers whenever other jobs share the machine.
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
-                 runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}},
-                 _system_config={"worker_niceness": 0})
+        from fluxguard.dist import start_local
+
+        # Workers import the picklable stand-ins from tests/dist_helpers.py. Niceness 0: Ray's default (15)
+        # starves the workers whenever other jobs share the machine.
+        start_local(2, paths=[TESTS], env={"OMP_NUM_THREADS": "1"}, system_config={"worker_niceness": 0})
     yield ray
     ray.shutdown()
 
@@ -221,9 +218,33 @@ def test_template_shard_errors_are_reported(tmp_path) -> None:
     assert by["good.npy"]["status"] == "protected"
 
 
-def test_missing_ray_is_a_clear_error(monkeypatch, tmp_path) -> None:
+def test_missing_ray_is_a_clear_error(monkeypatch, library, tmp_path) -> None:
+    from typer.testing import CliRunner
+
     from fluxguard import dist
+    from fluxguard.cli import app
 
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(MissingDependencyError, match=r"fluxguard\[dist\]"):
         dist.connect("local")
+    res = CliRunner().invoke(app, ["protect", str(library / "a.png"), "--out", str(tmp_path), "--ray", "local"])
+    assert res.exit_code == 1 and "pip install 'fluxguard[dist]'" in res.output
+    assert not list(tmp_path.glob("a_protected*"))
+
+
+@pytest.mark.ray
+def test_workers_the_cluster_cannot_hold_are_refused(ray_cluster, library, tmp_path) -> None:
+    from fluxguard import dist
+
+    inputs = expand_inputs([str(library)])
+    if not ray_cluster.cluster_resources().get("GPU"):
+        with pytest.raises(FluxguardError, match="no GPU"):
+            next(dist.protect_photos(inputs, make_stub_never_built, BatchJob(out=tmp_path), device="cuda"))
+        with pytest.raises(FluxguardError, match="asks for 1 GPU"):
+            next(dist.protect_photos(inputs, make_stub_never_built, BatchJob(out=tmp_path), num_gpus=1))
+    with pytest.raises(FluxguardError, match="asks for 3 CPU"):
+        next(dist.protect_photos(inputs, make_stub_never_built, BatchJob(out=tmp_path), num_cpus=3))
+
+
+def make_stub_never_built() -> None:
+    raise AssertionError("no worker may start when the cluster cannot hold it")

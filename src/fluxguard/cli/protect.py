@@ -174,6 +174,8 @@ def protect(
     """Protect every face in PHOTOS; write protected copies to OUT (never over the originals)."""
     import functools
 
+    from rich.markup import escape
+
     from fluxguard.api import Protector
 
     params = parse_params(param)
@@ -236,7 +238,7 @@ def protect(
         for entry, run_params in results:
             record["params"] = run_params
             if entry["status"] == "failed":
-                console.print(f"[red]failed:[/] {entry['message']}")
+                console.print(f"[red]failed:[/] {escape(entry['message'])}")
             counts[entry["status"]] += 1
             record["photos"].append(entry)
             record["counts"] = counts
