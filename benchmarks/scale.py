@@ -130,6 +130,37 @@ def _timing(first: float, wall: float, n: int, statuses: list[str]) -> dict[str,
             "photos_per_min_after_start": round(60 * (n - 1) / max(wall - first, 1e-9), 2) if n > 1 else None}
 
 
+def write_markdown(result: dict[str, Any], out: Path) -> str:
+    """``scale.md`` from the result (``--from-json`` rewrites it without measuring again)."""
+    o, rows = result["overhead"], result["runs"]
+    added = o["ray_added_ms_per_photo"]
+    per_photo = (f"{added} ms added per photo" if added > 0 else
+                 f"no per-photo cost measurable ({added} ms, within this shared machine's noise)")
+    md = [
+        "# Scale-out: photos per minute, local vs local Ray",
+        "",
+        f"`{result['command']}` ({result['machine']}; load average {result['load_average_before'][0]} before, "
+        f"{result['load_average_after'][0]} after). {result['photos']}; {result['method']}.",
+        "",
+        "| run | photos | protected | wall s | start-up s | photos/min | photos/min after start-up |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    md += [f"| {r['run']} | {r['photos']} | {r['protected']} | {r['wall_s']} | {r['startup_s']} | "
+           f"{r['photos_per_min']} | {r['photos_per_min_after_start']} |" for r in rows]
+    md += [
+        "",
+        "Start-up = until the first photo is done: model loads and that photo (local); worker start, model loads "
+        f"and that photo (Ray). `ray.init` took another {o['ray_init_s']} s, not in the table.",
+        "",
+        f"Ray overhead (stub protector that writes the photo back unchanged, {o['stub_photos']} photos, 1 worker): "
+        f"{o['ray_ms_per_photo']} ms per photo after start-up vs {o['local_ms_per_photo']} ms locally (read + "
+        f"write), i.e. {per_photo}; {o['ray_startup_s']} s to start the pipeline and its worker.",
+    ]
+    text = "\n".join(md) + "\n"
+    (out / "scale.md").write_text(text)
+    return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--photos", type=int, default=12)
@@ -140,7 +171,11 @@ def main() -> None:
     ap.add_argument("--local-threads", default="1", help="torch threads of the local runs (one run each)")
     ap.add_argument("--stub-photos", type=int, default=60, help="photos of the overhead runs")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--from-json", action="store_true", help="only rewrite scale.md from OUT/scale.json")
     args = ap.parse_args()
+    if args.from_json:
+        print(write_markdown(json.loads((args.out / "scale.json").read_text()), args.out))
+        return
 
     import ray
     import torch
@@ -200,30 +235,7 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "scale.json").write_text(json.dumps(result, indent=2) + "\n")
-    o = result["overhead"]
-    md = [
-        "# Scale-out: photos per minute, local vs local Ray",
-        "",
-        f"`{result['command']}` ({result['machine']}; load average {result['load_average_before'][0]} before, "
-        f"{result['load_average_after'][0]} after). {photo_note}; {result['method']}.",
-        "",
-        "| run | photos | protected | wall s | start-up s | photos/min | photos/min after start-up |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    md += [f"| {r['run']} | {r['photos']} | {r['protected']} | {r['wall_s']} | {r['startup_s']} | "
-           f"{r['photos_per_min']} | {r['photos_per_min_after_start']} |" for r in rows]
-    md += [
-        "",
-        "Start-up = until the first photo is done: model loads and that photo (local); worker start, model loads "
-        f"and that photo (Ray). `ray.init` took another {o['ray_init_s']} s, not in the table.",
-        "",
-        f"Ray overhead (stub protector that writes the photo back unchanged, {args.stub_photos} photos, 1 worker): "
-        f"{o['ray_ms_per_photo']} ms per photo after start-up vs {o['local_ms_per_photo']} ms locally (read + "
-        f"write), i.e. {o['ray_added_ms_per_photo']} ms added per photo, plus {o['ray_startup_s']} s to start the "
-        "pipeline and its worker.",
-    ]
-    (args.out / "scale.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    print(write_markdown(result, args.out))
 
 
 if __name__ == "__main__":
