@@ -65,20 +65,16 @@ def quality(vae, pack: np.ndarray, cover: np.ndarray | None, batch: int = 8) -> 
 
 
 def speed(flux, sd, repeats: int) -> dict[str, dict[str, float]]:
-    from diffusers import FluxPipeline
-
-    vae, tr = flux.vae, flux.transformer
+    vae = flux.vae
     x = torch.rand(1, 3, LITE_SIZE, LITE_SIZE)
     with torch.no_grad():
-        z = encode_latents(vae, x)
-    _, c, h, w = z.shape
-    tok = FluxPipeline._pack_latents(z, 1, c, h, w)
-    ids = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, "cpu", torch.float32)
-    t = torch.tensor([0.5])
+        tok = flux.encode(x)
+        z = sd.encode(x, sample=False)
+    cond = flux.conditioning(None)
 
     def dec_bwd() -> None:
-        zz = z.clone().requires_grad_(True)
-        decode_latents(vae, zz).square().mean().backward()
+        zz = tok.clone().requires_grad_(True)
+        flux.decode(zz, LITE_SIZE, LITE_SIZE).square().mean().backward()
 
     out = {}
     with torch.no_grad():
@@ -86,13 +82,30 @@ def speed(flux, sd, repeats: int) -> dict[str, dict[str, float]]:
         out["vae_decode"] = timed(lambda: decode_latents(vae, z), repeats)
     out["vae_decode_backward"] = timed(dec_bwd, repeats)
     with torch.no_grad():
-        out["transformer_forward"] = timed(
-            lambda: tr(hidden_states=tok, encoder_hidden_states=flux.prompt_embeds,
-                       pooled_projections=flux.pooled_prompt_embeds, timestep=t, img_ids=ids, txt_ids=flux.text_ids),
-            repeats)
-        out["unet_forward"] = timed(
-            lambda: sd.unet(z, torch.tensor([500]), encoder_hidden_states=sd.null_embeds), repeats)
+        out["transformer_forward"] = timed(lambda: flux.velocity(tok, 0.5, cond, 1.0, LITE_SIZE, LITE_SIZE), repeats)
+        out["unet_forward"] = timed(lambda: sd.predict_noise(z, 500, sd.uncond(1)), repeats)
     return out
+
+
+def end_to_end(threads: int) -> dict[str, float]:
+    """``fluxguard protect`` defaults (Flux-Guard, lite, every shipped FR model) on one 512-px photo, one face."""
+    from skimage import data
+
+    from fluxguard.api import Protector
+    from fluxguard.io import encode_image, load_image
+
+    torch.set_num_threads(threads)
+    photo = load_image(encode_image(np.ascontiguousarray(data.astronaut()[:, :, :3]), "PNG")).rgb
+    t0 = time.perf_counter()
+    p = Protector()
+    load_s = time.perf_counter() - t0
+    p.protect(photo, seed=0)  # warm-up: detector, lazy backend
+    t0 = time.perf_counter()
+    res = p.protect(photo, seed=0)
+    return {"threads": threads, "load_s": round(load_s, 2), "protect_s": round(time.perf_counter() - t0, 2),
+            "photo_px": list(photo.shape[:2]), "faces": len(res.faces),
+            "fr_models": [r.spec.name for r in p.attackers],
+            "timings": {k: round(v, 2) for k, v in res.timings.items()}}
 
 
 def main() -> None:
@@ -103,7 +116,8 @@ def main() -> None:
 
     flux, sd = load_lite_flux(), load_lite_sd()
     res: dict = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-                 "size": LITE_SIZE, "latent": list(encode_latents(flux.vae, torch.rand(1, 3, LITE_SIZE, LITE_SIZE)).shape[1:])}
+                 "size": LITE_SIZE}
+    res["latent"] = list(encode_latents(flux.vae, torch.rand(1, 3, LITE_SIZE, LITE_SIZE)).shape[1:])
     pack_path = Path(args.pack)
     if pack_path.is_file():
         pack = np.load(pack_path, mmap_mode="r")
@@ -119,22 +133,31 @@ def main() -> None:
     for threads in (1, 2):
         torch.set_num_threads(threads)
         res["speed"][f"threads_{threads}"] = speed(flux, sd, args.repeats)
+    res["protect_512px_photo"] = end_to_end(2)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "lite.json").write_text(json.dumps(res, indent=2) + "\n")
-    lines = [f"# Lite generators (size {LITE_SIZE}, latent {res['latent']}, {res['machine']}, torch {res['torch']})", ""]
+    lines = [f"# Lite generators (size {LITE_SIZE}, latent {res['latent']}, {res['machine']}, "
+             f"torch {res['torch']})", ""]
     if "quality" in res:
         q = res["quality"]
-        lines += ["| held-out crops | n | PSNR mean (dB) | PSNR p05 | SSIM mean | SSIM p05 |", "|---|---|---|---|---|---|",
-                  f"| all | {q['n']} | {q['psnr_mean']:.2f} | {q['psnr_p05']:.2f} | {q['ssim_mean']:.4f} | {q['ssim_p05']:.4f} |"]
+        lines += ["| held-out crops | n | PSNR mean (dB) | PSNR p05 | SSIM mean | SSIM p05 |",
+                  "|---|---|---|---|---|---|",
+                  f"| all | {q['n']} | {q['psnr_mean']:.2f} | {q['psnr_p05']:.2f} | {q['ssim_mean']:.4f} "
+                  f"| {q['ssim_p05']:.4f} |"]
         if q.get("n_full"):
-            lines.append(f"| coverage >= 0.95 | {q['n_full']} | {q['psnr_full_mean']:.2f} | | {q['ssim_full_mean']:.4f} | |")
+            lines.append(f"| coverage >= 0.95 | {q['n_full']} | {q['psnr_full_mean']:.2f} | "
+                         f"| {q['ssim_full_mean']:.4f} | |")
         lines.append("")
     lines += ["| call (batch 1) | 1 thread wall ms | 1 thread CPU ms | 2 threads wall ms | 2 threads CPU ms |",
               "|---|---|---|---|---|"]
     s1, s2 = res["speed"]["threads_1"], res["speed"]["threads_2"]
     for k in s1:
         lines.append(f"| {k} | {s1[k]['wall_ms']} | {s1[k]['cpu_ms']} | {s2[k]['wall_ms']} | {s2[k]['cpu_ms']} |")
+    e = res["protect_512px_photo"]
+    lines += ["", f"`fluxguard protect` defaults on one {e['photo_px'][0]} px photo with {e['faces']} face, "
+              f"{e['threads']} threads: {e['protect_s']} s (models loaded once: {e['load_s']} s; attacked: "
+              f"{', '.join(e['fr_models'])}).", "", "Command: `python benchmarks/lite.py`"]
     (RESULTS / "lite.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

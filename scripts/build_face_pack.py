@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from fluxguard.data import find_faces_dir, list_photos, photos_in_split
-from fluxguard.faces.align import align_faces, portrait_template, warp_affine, estimate_similarity
+from fluxguard.faces.align import align_faces, estimate_similarity, portrait_template, warp_affine
 from fluxguard.faces.detect import detect_cached, load_rgb
 
 MIN_SCORE = 0.95

@@ -1,5 +1,9 @@
 """Copy trained lite models into the package as fp16 safetensors, checking that fp16 storage keeps their outputs.
 
+The folder is laid out so that both backends load it as it is: ``FluxBackend.from_pretrained`` (``vae/``,
+``transformer/``, ``null_prompt.safetensors``) and ``SDBackend.from_pretrained`` (``vae/``, ``unet/``,
+``scheduler/``, ``null_embedding.safetensors``).
+
 Each model is saved with its weights rounded to fp16 (diffusers ``save_pretrained`` after ``.half()``); the loader
 upcasts to fp32. Parity is measured against the fp32 training output: VAE reconstruction PSNR on held-out crops,
 and the relative error of transformer / UNet outputs. A model whose check fails is reported and not written.
@@ -18,9 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _lite_common import load_pack, psnr_ssim, to_tensor
 from safetensors.torch import load_file, save_file
 
-from _lite_common import load_pack, psnr_ssim, to_tensor
+from fluxguard.generators.flux import NULL_PROMPT_FILE
+from fluxguard.generators.sd import NULL_EMBEDDING_FILE, NULL_EMBEDDING_KEY
 
 OUT = Path(__file__).resolve().parents[1] / "src" / "fluxguard" / "weights" / "lite"
 
@@ -87,13 +93,15 @@ def export_flow(src: Path, report: dict) -> None:
     with torch.no_grad():
         for m, e in ((tr, emb), (half, emb16)):
             outs.append(m(hidden_states=tok, encoder_hidden_states=e["prompt_embeds"].expand(2, -1, -1),
-                          pooled_projections=e["pooled_prompt_embeds"].expand(2, -1), timestep=torch.tensor([0.3, 0.8]),
+                          pooled_projections=e["pooled_prompt_embeds"].expand(2, -1),
+                          timestep=torch.tensor([0.3, 0.8]),
                           img_ids=ids, txt_ids=torch.zeros(e["prompt_embeds"].shape[1], 3)).sample)
     report["transformer"] = {"rel_err_fp16": _rel(outs[1], outs[0])}
     if report["transformer"]["rel_err_fp16"] > 5e-3:
         raise SystemExit(f"transformer fp16 parity failed: {report['transformer']}")
     save_fp16(tr, OUT / "transformer")
-    save_file({k: v.half().contiguous() for k, v in emb.items()}, str(OUT / "transformer" / "null_prompt.safetensors"))
+    # at the folder's root, where FluxBackend.from_pretrained looks for a text-encoder-free model's null prompt
+    save_file({k: v.half().contiguous() for k, v in emb.items()}, str(OUT / NULL_PROMPT_FILE))
     FlowMatchEulerDiscreteScheduler.from_pretrained(src / "scheduler").save_pretrained(OUT / "flow_scheduler")
 
 
@@ -112,8 +120,9 @@ def export_unet(src: Path, report: dict) -> None:
     if report["unet"]["rel_err_fp16"] > 5e-3:
         raise SystemExit(f"UNet fp16 parity failed: {report['unet']}")
     save_fp16(unet, OUT / "unet")
-    save_file({"null_embeds": emb.half().contiguous()}, str(OUT / "unet" / "null_text.safetensors"))
-    DDIMScheduler.from_pretrained(src / "scheduler").save_pretrained(OUT / "ddim_scheduler")
+    # the SD backend's text-encoder-free layout: null_embedding.safetensors and scheduler/ at the folder's root
+    save_file({NULL_EMBEDDING_KEY: emb.half().contiguous()}, str(OUT / NULL_EMBEDDING_FILE))
+    DDIMScheduler.from_pretrained(src / "scheduler").save_pretrained(OUT / "scheduler")
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Train the lite rectified-flow FluxTransformer2DModel (diffusers) on cached lite-VAE latents of the face pack, on CPU.
+"""Train the lite rectified-flow FluxTransformer2DModel (diffusers) on cached lite-VAE latents of the face pack (CPU).
 
 Unconditional with a learned null prompt: ``prompt_embeds`` (1, L, joint_attention_dim) and
 ``pooled_prompt_embeds`` (1, pooled_projection_dim) are trained with the model and shipped beside it. Objective in
@@ -23,9 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-
 from _lite_common import CACHE, EMA, RunLog, cached_latents, save_checkpoint
+from torch import nn
 
 BASE_SEQ, MAX_SEQ, BASE_SHIFT, MAX_SHIFT = 256, 4096, 0.5, 1.15  # FLUX.1-dev scheduler values
 
@@ -120,6 +119,9 @@ def main() -> None:
     ap.add_argument("--pooled-dim", type=int, default=64)
     ap.add_argument("--text-len", type=int, default=8, help="tokens of the learned null prompt")
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--crop-tokens", type=int, default=0,
+                    help="train on random square windows of this many tokens a side (0: whole latents); the RoPE "
+                         "positions keep the window's place, so the model samples whole latents afterwards")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--cpu-minutes", type=float, default=60.0)
@@ -169,12 +171,22 @@ def main() -> None:
         for g in opt.param_groups:
             g["lr"] = lr
         idx = torch.randint(0, n, (args.batch,), generator=gen)
-        x0 = FluxPipeline._pack_latents(lat[idx], args.batch, c, h, w)
+        ids = img_ids
+        if 0 < args.crop_tokens < h // 2:
+            k = args.crop_tokens
+            oy, ox = (int(torch.randint(0, h // 2 - k + 1, (1,), generator=gen)) for _ in range(2))
+            x0 = FluxPipeline._pack_latents(lat[idx, :, 2 * oy : 2 * (oy + k), 2 * ox : 2 * (ox + k)],
+                                            args.batch, c, 2 * k, 2 * k)
+            ids = FluxPipeline._prepare_latent_image_ids(1, k, k, "cpu", torch.float32)
+            ids[:, 1] += oy
+            ids[:, 2] += ox
+        else:
+            x0 = FluxPipeline._pack_latents(lat[idx], args.batch, c, h, w)
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.sigmoid(torch.randn(args.batch, generator=gen))  # logit-normal(0, 1)
         t = math.exp(mu) / (math.exp(mu) + (1 / t - 1))  # FLUX time shift
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
-        loss = (model(xt, t, img_ids) - (noise - x0)).square().mean()
+        loss = (model(xt, t, ids) - (noise - x0)).square().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

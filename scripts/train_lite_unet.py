@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
-
 from _lite_common import CACHE, EMA, RunLog, cached_latents, save_checkpoint
+from torch import nn
 
 
 class NullUNet(nn.Module):
@@ -52,7 +51,8 @@ def make_unet(args, sample_size: int) -> nn.Module:
         block_out_channels=ch,
         layers_per_block=args.layers,
         down_block_types=tuple(down),
-        up_block_types=tuple("CrossAttnUpBlock2D" if b.startswith("CrossAttn") else "UpBlock2D" for b in reversed(down)),
+        up_block_types=tuple("CrossAttnUpBlock2D" if b.startswith("CrossAttn") else "UpBlock2D"
+                             for b in reversed(down)),
         cross_attention_dim=args.cross_dim,
         attention_head_dim=heads,  # legacy name: the number of heads per block
         use_linear_projection=True,
@@ -94,6 +94,8 @@ def main() -> None:
     ap.add_argument("--cross-dim", type=int, default=64)
     ap.add_argument("--text-len", type=int, default=8)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--crop", type=int, default=0,
+                    help="train on random square latent windows of this side (0: whole latents)")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--cpu-minutes", type=float, default=60.0)
@@ -141,6 +143,9 @@ def main() -> None:
         for g in opt.param_groups:
             g["lr"] = lr
         x0 = lat[torch.randint(0, n, (args.batch,), generator=gen)]
+        if 0 < args.crop < h:
+            oy, ox = (int(torch.randint(0, (h - args.crop) // 8 + 1, (1,), generator=gen)) * 8 for _ in range(2))
+            x0 = x0[:, :, oy : oy + args.crop, ox : ox + args.crop]
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, 1000, (args.batch,), generator=gen)
         a = abar[t][:, None, None, None]

@@ -2,8 +2,8 @@
 
 Losses: L1 + w_ssim * (1 - SSIM) + w_kl * KL (mean per latent element), on random square windows of the crops
 (the VAE has no attention, so it is convolutional and windows train it for the whole crop faster), the last part
-of the run on whole crops so GroupNorm sees full-size statistics. The run stops after ``--cpu-minutes`` of process CPU time
-and resumes from ``<run>/ckpt.pt`` when restarted with the same ``--run``. At the end it measures the latent
+of the run on whole crops so GroupNorm sees full-size statistics. The run stops after ``--cpu-minutes`` of process
+CPU time and resumes from ``<run>/ckpt.pt`` when restarted with the same ``--run``. At the end it measures the latent
 statistics of the training pack (posterior mode) and sets ``shift_factor`` (mean) and ``scaling_factor``
 (1 / std), as FLUX's VAE does, then saves a diffusers folder ``<run>/vae`` (fp32).
 
@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from pathlib import Path
 
 import torch
-
 from _lite_common import CACHE, RunLog, load_pack, psnr_ssim, random_batch, save_checkpoint, to_tensor
 
 

@@ -248,3 +248,32 @@ def test_workers_the_cluster_cannot_hold_are_refused(ray_cluster, library, tmp_p
 
 def make_stub_never_built() -> None:
     raise AssertionError("no worker may start when the cluster cannot hold it")
+
+
+@pytest.mark.ray
+def test_features_protect_store_with_advface_on_ray(ray_cluster, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from fluxguard.cli import app
+
+    rng = np.random.default_rng(1)
+    store = tmp_path / "store"
+    store.mkdir()
+    for i, n in enumerate((6, 4)):
+        x = rng.standard_normal((n, 256)).astype(np.float32)  # mobileface templates are 256-d unit rows
+        np.save(store / f"part-{i}.npy", x / np.linalg.norm(x, axis=1, keepdims=True))
+    args = ["features", "protect", str(store), "--model", "mobileface", "--steps", "2", "--seed", "5"]
+    local = CliRunner().invoke(app, [*args[:3], str(tmp_path / "local"), *args[3:]])
+    assert local.exit_code == 0, local.output
+    on_ray = CliRunner().invoke(app, [*args[:3], str(tmp_path / "ray"), *args[3:], "--ray", "local",
+                                      "--ray-workers", "2"])
+    assert on_ray.exit_code == 0, on_ray.output
+    for name in ("part-0.npy", "part-1.npy"):
+        a, b = np.load(tmp_path / "local" / name), np.load(tmp_path / "ray" / name)
+        np.testing.assert_array_equal(a, b)
+        cos = (a * np.load(store / name)).sum(1)
+        assert cos.max() < 1 - 1e-4 and cos.min() >= 0.9 - 1e-3  # protected, within the default cosine floor
+    summary = json.loads((tmp_path / "ray" / "fluxguard-templates-summary.json").read_text())
+    assert summary["protection"]["method"].lower().startswith("advface") and summary["templates"] == 10
+    no_model = CliRunner().invoke(app, [*args[:3], str(tmp_path / "x"), "--ray", "local"])
+    assert no_model.exit_code == 1 and "--model" in no_model.output

@@ -308,7 +308,7 @@ def test_attack_with_a_real_fr_model(backend, face, name):
     fr = load_recognizer(name, download=False)
     # a fixed, identity-dominated weight: on the tiny random VAE the adaptive weight drops to w_min within a step
     # or two, which makes the outcome depend on rounding; the weighting itself is tested above
-    cfg = FluxGuardConfig(crop_size=SIZE, adam_steps=4, adam_lr=0.005, adaptive_weight=False, perceptual_weight=0.1,
+    cfg = FluxGuardConfig(crop_size=SIZE, adam_steps=8, adam_lr=0.005, adaptive_weight=False, perceptual_weight=0.1,
                           num_steps=10, attack_start=8, fusion_start=2, fusion_end=8)
     res = FluxGuard([fr], config=cfg, backend=backend).protect_faces(face)
     lm = torch.as_tensor(portrait_template(SIZE))

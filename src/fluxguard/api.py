@@ -45,7 +45,7 @@ def as_loaded(image: ImageInput, *, max_pixels: int | None = None) -> LoadedImag
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
             raise ConfigError(f"an image array must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
-        rgb = np.ascontiguousarray(image[..., :3])
+        rgb = np.array(image[..., :3], dtype=np.uint8, order="C")  # a private, writable copy
         return LoadedImage(rgb=rgb, format="PNG", source="<array>")
     kw = {} if max_pixels is None else {"max_pixels": max_pixels}
     return load_image(image, **kw)
@@ -53,7 +53,10 @@ def as_loaded(image: ImageInput, *, max_pixels: int | None = None) -> LoadedImag
 
 def to_tensor(rgb: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, H, W) float32 in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(rgb)).to(device).permute(2, 0, 1).float().div_(255.0)
+    arr = np.ascontiguousarray(rgb)
+    if not arr.flags.writeable:  # e.g. skimage's cached samples; torch warns on read-only memory
+        arr = arr.copy()
+    return torch.from_numpy(arr).to(device).permute(2, 0, 1).float().div_(255.0)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -68,11 +71,89 @@ def _recognizer(name: str, device: str) -> Any:
     return load_recognizer(name, device=device)
 
 
-def recognizers(names: Sequence[str] | None = None, device: str = "cpu") -> list:
-    """Loaded FR models (cached per process); ``None`` = every model whose weights ship with fluxguard."""
+def recognizers(names: Sequence[Any] | None = None, device: str = "cpu") -> list:
+    """Loaded FR models (cached per process); ``None`` = every model whose weights ship with fluxguard.
+
+    Entries are model names or already-built :class:`~fluxguard.recognition.base.FaceRecognizer` objects (kept as
+    they are: the evaluation passes its own instances, tests pass stand-in models).
+    """
     from fluxguard.recognition import shipped_models
 
-    return [_recognizer(n, str(device)) for n in (list(names) if names else shipped_models())]
+    chosen = list(names) if names is not None else shipped_models()
+    return [_recognizer(n, str(device)) if isinstance(n, str) else n for n in chosen]
+
+
+def resolve_device(device: str) -> str:
+    """Check a device name (``auto`` picks CUDA, then Apple MPS, then the CPU) before any model is loaded.
+
+    Raises:
+        ConfigError: an unknown device name, or a device this machine does not have.
+    """
+    name = str(device).strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        return "mps" if mps is not None and mps.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device {device!r}; use cpu, cuda, cuda:N, mps or auto") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} asked for, but torch sees no CUDA GPU here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ConfigError(f"device {device!r} asked for, but Apple MPS is not available here; use --device cpu")
+    elif dev.type != "cpu":
+        raise ConfigError(f"unsupported device {device!r}; use cpu, cuda, cuda:N, mps or auto")
+    return str(dev)
+
+
+def method_params(method: str, params: dict[str, Any] | None = None, *, model: str | None = None,
+                  edit: str | None = None, mode: str = "dodge") -> dict[str, Any]:
+    """Check parameters against a method before any model is loaded; map ``model``/``edit`` to its fields.
+
+    Args:
+        method: registry name.
+        params: method parameters (``--param key=value``).
+        model: generator weights (a Hugging Face id or a folder); only for methods with a generator.
+        edit: a text edit; only for methods with an ``edit_prompt`` (Flux-Guard).
+        mode: ``dodge`` or ``impersonate``.
+
+    Raises:
+        ConfigError: an unknown parameter, a flag the method does not support, or an unknown mode; never ignored.
+    """
+    from fluxguard.methods import METHODS
+
+    cls = METHODS[method]
+    if mode not in ("dodge", "impersonate"):
+        raise ConfigError(f"unknown mode {mode!r}; use dodge or impersonate")
+    out = dict(params or {})
+    names = cls.parameter_names()
+    if names:
+        unknown = sorted(set(out) - set(names))
+        if unknown:
+            raise ConfigError(f"method {method!r} has no parameter {unknown[0]!r}; valid: {', '.join(names)}")
+    if edit is not None:
+        if "edit_prompt" not in names:
+            raise ConfigError(f"method {method!r} does not support text edits (--edit); use --method fluxguard")
+        out["edit_prompt"] = edit
+        from fluxguard.generators.lite import is_lite
+
+        if edit and is_lite(model or out.get("model") or "lite"):
+            raise ConfigError("the built-in lite models have no text encoders, so --edit needs a FLUX model with "
+                              "them: "
+                              "add --model black-forest-labs/FLUX.1-dev (or a local FLUX folder)")
+    if model is not None:
+        if "model" not in names:
+            raise ConfigError(f"method {method!r} has no generator, so --model does not apply; it selects the FLUX "
+                              "weights of fluxguard or the Stable Diffusion weights of wdp")
+        out["model"] = model
+    return out
 
 
 def largest_face(faces: Sequence[Face]) -> Face:
@@ -127,8 +208,8 @@ class Protector:
     Args:
         method: registry name (``fluxguard.methods.METHODS``).
         mode: ``"dodge"`` or ``"impersonate"``.
-        fr_models: the attack ensemble (default: every shipped FR model).
-        judges: FR models that report before/after similarity (default: every shipped FR model).
+        fr_models: the attack ensemble, names or FaceRecognizer objects (default: every shipped FR model).
+        judges: FR models that report before/after similarity (default: every shipped FR model; ``[]``: none).
         strength: a preset of the method (``low``/``medium``/``high``); explicit ``params`` override it.
         device: ``"cpu"``, ``"cuda"``, ...
         params: method parameters (see each method's config).
@@ -139,8 +220,8 @@ class Protector:
         method: str = DEFAULT_METHOD,
         *,
         mode: str = "dodge",
-        fr_models: Sequence[str] | None = None,
-        judges: Sequence[str] | None = None,
+        fr_models: Sequence[Any] | None = None,
+        judges: Sequence[Any] | None = None,
         strength: str | None = None,
         device: str = "cpu",
         **params: Any,
@@ -148,13 +229,17 @@ class Protector:
         from fluxguard.methods import METHODS
 
         cls = METHODS[method]
+        params = method_params(method, params, mode=mode)  # a wrong name fails here, before any model loads
+        device = resolve_device(device)
         self.device = device
         self.attackers = recognizers(fr_models, device)
-        self.judges = recognizers(judges, device) if judges is not None else recognizers(None, device)
+        self.judges = recognizers(judges, device)
         presets: dict[str, dict[str, Any]] = getattr(cls, "presets", {})
         if strength is not None and strength not in presets:
             raise ConfigError(f"method {method!r} has no strength {strength!r}; valid: {', '.join(presets) or 'none'}")
         merged = {**(presets.get(strength, {}) if strength else {}), **params}
+        if "device" in cls.parameter_names() and "device" not in merged:
+            merged["device"] = device  # the generator runs where the FR models run
         self.method = cls(self.attackers, mode=mode, **merged)
         self.method_name = method
         self.strength = strength
@@ -178,14 +263,31 @@ class Protector:
         seed: int = 0,
         progress: ProgressFn | None = None,
         max_pixels: int | None = None,
+        faces: Sequence[Face] | None = None,
+        target_face: Face | None = None,
     ) -> ProtectionResult:
+        """Protect the faces of ``image`` (every detected face, or only ``faces`` when given).
+
+        Args:
+            image: the photo.
+            target: photo of the identity to impersonate (impersonation only).
+            seed: seeds the method's random choices.
+            progress: ``progress(stage, step, total)`` callback.
+            max_pixels: refuse larger photos (decompression-bomb guard of :func:`fluxguard.io.load_image`).
+            faces: faces already found in ``image`` (e.g. from a detection cache, or a user's choice); skips
+                detection and protects only these.
+            target_face: the face to use in ``target`` (else the largest one detected there).
+        """
         from fluxguard.faces import align_faces, paste_back
-        from fluxguard.faces.detect import detect_faces
 
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
         loaded = as_loaded(image, max_pixels=max_pixels)
-        faces = detect_faces(loaded.rgb)
+        if faces is None:
+            from fluxguard.faces.detect import detect_faces
+
+            faces = detect_faces(loaded.rgb)
+        faces = list(faces)
         timings["detect"] = time.perf_counter() - t0
         if not faces:
             raise NoFaceError("no face found in the photo; nothing to protect", path=loaded.source)
@@ -199,10 +301,14 @@ class Protector:
             if target is None:
                 raise ConfigError("impersonation needs a target photo (--target PHOTO)")
             tl = as_loaded(target, max_pixels=max_pixels)
-            tfaces = detect_faces(tl.rgb)
-            if not tfaces:
-                raise NoFaceError("no face found in the target photo", path=tl.source)
-            tface = largest_face(tfaces)
+            if target_face is None:
+                from fluxguard.faces.detect import detect_faces
+
+                tfaces = detect_faces(tl.rgb)
+                if not tfaces:
+                    raise NoFaceError("no face found in the target photo", path=tl.source)
+                target_face = largest_face(tfaces)
+            tface = target_face
             tphoto = to_tensor(tl.rgb, self.device)
             target_crop = align_faces(tphoto, [tface.landmarks], size)[0].crop[None]
             target_emb = self._similarities(tphoto, tface.landmarks)
@@ -259,12 +365,33 @@ def protect(
     mode: str = "dodge",
     target: ImageInput | None = None,
     fr_models: Sequence[str] | None = None,
+    judges: Sequence[str] | None = None,
     strength: str | None = None,
     seed: int = 0,
     device: str = "cpu",
     progress: ProgressFn | None = None,
     **params: Any,
 ) -> ProtectionResult:
-    """Protect every face in ``image``; see :class:`Protector` for the arguments."""
-    p = Protector(method, mode=mode, fr_models=fr_models, strength=strength, device=device, **params)
+    """Protect every face in ``image`` with one call (models are cached between calls).
+
+    Args:
+        image: a path, encoded bytes, an (H, W, 3) uint8 RGB array or a :class:`~fluxguard.io.LoadedImage`.
+        method: ``fluxguard``, ``wdp`` or ``pgd`` (``fluxguard.methods.METHODS``).
+        mode: ``dodge`` (FR must not match the person) or ``impersonate`` (match ``target``).
+        target: the photo of the identity to impersonate.
+        fr_models: the attacked FR models (default: every shipped one).
+        judges: the FR models that report similarity before/after (default: every shipped one).
+        strength: ``low``, ``medium`` (the method's defaults) or ``high``; ``params`` override it.
+        seed: seeds every random choice: the same seed gives the same pixels.
+        device: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto``.
+        progress: ``progress(stage, step, total)`` callback.
+        **params: method parameters (e.g. ``steps=20`` for pgd); an unknown name raises ConfigError.
+
+    Returns:
+        The protected image (same size), per-face similarities before/after, the parameters and timings.
+
+    Raises:
+        ImageError: the photo cannot be read. NoFaceError: no face found. ConfigError: bad parameters.
+    """
+    p = Protector(method, mode=mode, fr_models=fr_models, judges=judges, strength=strength, device=device, **params)
     return p.protect(image, target=target, seed=seed, progress=progress)

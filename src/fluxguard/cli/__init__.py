@@ -13,7 +13,8 @@ app = typer.Typer(
     "  fluxguard protect --demo --out out/            # protect a sample photo with the built-in models\n\n"
     "  fluxguard protect me.jpg --out protected/      # protect every face in a photo\n\n"
     "  fluxguard check protected/me_protected.jpg --reference me2.jpg   # does FR still match?\n\n"
-    "  fluxguard faces me.jpg --json                  # faces found: boxes, landmarks, scores",
+    "  fluxguard faces me.jpg --json                  # faces found: boxes, landmarks, scores\n\n"
+    "  fluxguard serve                                # the web UI on http://127.0.0.1:7860",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -36,7 +37,7 @@ def _root(
 
 def _register() -> None:
     # One import per command module; each module adds its commands to `app`.
-    from fluxguard.cli import check, faces, models, protect  # noqa: F401
+    from fluxguard.cli import check, evaluate, faces, features, models, protect, serve  # noqa: F401
 
 
 _register()

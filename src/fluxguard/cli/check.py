@@ -47,7 +47,8 @@ def check_photo(photo: Path, references: list[Path], fr_models: list[str] | None
     return rows
 
 
-@app.command(epilog="Example:\n\n  fluxguard check protected/me_protected.jpg --reference me_2019.jpg --reference me_2021.jpg")
+@app.command(epilog="Example:\n\n  fluxguard check protected/me_protected.jpg --reference me_2019.jpg "
+             "--reference me_2021.jpg")
 @friendly_errors
 def check(
     photo: Path = typer.Argument(..., help="The photo to test (e.g. a protected one)."),

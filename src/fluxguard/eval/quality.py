@@ -37,7 +37,9 @@ def ms_ssim(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(_ms_ssim(ta, tb, data_range=255, size_average=True))
 
 
-def quality_report(original: np.ndarray, protected: np.ndarray, box: np.ndarray | None = None) -> dict[str, float | None]:
+def quality_report(
+    original: np.ndarray, protected: np.ndarray, box: np.ndarray | None = None
+) -> dict[str, float | None]:
     """PSNR / SSIM / MS-SSIM on the whole photo and, when ``box`` (x0, y0, x1, y1) is given, on the face region."""
     if original.shape != protected.shape:
         raise ValueError(f"shapes differ: {original.shape} vs {protected.shape}")

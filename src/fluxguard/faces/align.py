@@ -34,7 +34,8 @@ ARCFACE_112 = np.array(
 PORTRAIT_MARGIN = 2.0
 
 
-def crop_template(size: int, margin: float = 1.0, base: np.ndarray = ARCFACE_112, base_size: float = 112.0) -> np.ndarray:
+def crop_template(size: int, margin: float = 1.0, base: np.ndarray = ARCFACE_112,
+                  base_size: float = 112.0) -> np.ndarray:
     """The 5 template points for a square crop of ``size`` px whose face box is ``margin`` times the ArcFace box."""
     offset = base_size * (margin - 1.0) / 2.0
     return (base + offset) * (size / (base_size * margin))
@@ -107,7 +108,8 @@ def warp_affine(
             sx, sy = w / nw, h / nh
             pre = torch.tensor([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1]], dtype=torch.float64)
             m = m @ pre.to(m.device)
-    return _kornia_warp(image, m.to(image.dtype), dsize=size, mode=mode, padding_mode=padding_mode, align_corners=False)
+    return _kornia_warp(image, m.to(image.dtype), dsize=size, mode=mode, padding_mode=padding_mode,
+                        align_corners=False)
 
 
 def invert_affine(matrix: torch.Tensor) -> torch.Tensor:

@@ -159,7 +159,7 @@ class FluxBackend(nn.Module):
         """Load a FLUX checkpoint (Hugging Face id or local folder) and encode ``prompts`` once.
 
         Args:
-            path_or_id: diffusers-layout folder or hub id.
+            path_or_id: diffusers-layout folder, hub id, or "lite" (the built-in lite models).
             prompts: prompts to encode now; the text encoders are deleted afterwards.
             device: default CUDA when available, else CPU.
             dtype: default bf16 on CUDA, fp32 on CPU.
@@ -173,7 +173,10 @@ class FluxBackend(nn.Module):
         Raises:
             FluxguardError: the folder is missing pieces (named in the message).
         """
+        from fluxguard.generators.lite import resolve_model
+
         diffusers = _require("diffusers", "the FLUX backend")
+        path_or_id = resolve_model(path_or_id)
         device = torch.device(device) if device is not None else default_device()
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -1,45 +1,38 @@
 """The lite generators shipped with fluxguard: a small VAE, a rectified-flow transformer and a UNet, all diffusers.
 
 FLUX.1-dev and Stable Diffusion weights are many gigabytes and cannot ship, so fluxguard carries small models of
-its own, trained on CPU on aligned portrait crops (``fluxguard.faces.align.portrait_template``) of real faces;
-see ``weights/lite/README.md`` for the data, the training and the measured quality. They follow the layout and
-conventions of the big models so the same backends drive them:
+its own, trained on CPU on aligned portrait crops (``fluxguard.faces.align.portrait_template``, 256 px) of real
+faces; ``weights/lite/README.md`` gives the data, the training commands and the measured quality.
 
-- ``vae/``: ``AutoencoderKL`` with FLUX-style ``scaling_factor`` and ``shift_factor`` taken from the latent
-  statistics of its training set. Latents are ``(mode - shift_factor) * scaling_factor`` for *both* generators
-  (:func:`encode_latents` / :func:`decode_latents`); SD pipelines, which only scale, must also shift.
-- ``transformer/``: ``FluxTransformer2DModel`` (no guidance embedding) trained unconditionally with a learned
-  null prompt (``null_prompt.safetensors``: ``prompt_embeds`` (1, L, joint_attention_dim) and
-  ``pooled_prompt_embeds`` (1, pooled_projection_dim)), rectified flow in the diffusers FLUX convention, with a
-  ``FlowMatchEulerDiscreteScheduler`` config (FLUX.1-dev's shift settings) in ``flow_scheduler/``.
-- ``unet/``: ``UNet2DConditionModel`` (epsilon prediction) with a learned null text embedding
-  (``null_text.safetensors``: ``null_embeds`` (1, L, cross_attention_dim)) and SD's ``DDIMScheduler`` config in
-  ``ddim_scheduler/``.
+The folder ``weights/lite`` is laid out so that the ordinary backends load it, under the model name ``"lite"``:
 
-Weights are stored in fp16 and loaded as frozen fp32 modules on CPU in eval mode.
+- :class:`~fluxguard.generators.flux.FluxBackend` (Flux-Guard): ``vae/`` (``AutoencoderKL``, 16-channel latent at
+  4x downsampling, FLUX-style ``shift_factor`` / ``scaling_factor`` from its training latents), ``transformer/``
+  (``FluxTransformer2DModel`` without guidance embedding, trained unconditionally) and ``null_prompt.safetensors``
+  (its learned null prompt). No text encoders, so protection runs without a text edit.
+- :class:`~fluxguard.generators.sd.SDBackend` (WDP, purification): ``vae/``, ``unet/`` (``UNet2DConditionModel``,
+  epsilon prediction), ``scheduler/`` (SD's ``DDIMScheduler`` config) and ``null_embedding.safetensors``.
+
+Weights are stored in fp16 and loaded as frozen fp32 modules.
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fluxguard.errors import FluxguardError
 
 if TYPE_CHECKING:
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        FlowMatchEulerDiscreteScheduler,
-        FluxTransformer2DModel,
-        UNet2DConditionModel,
-    )
+    from diffusers import AutoencoderKL
 
-logger = logging.getLogger(__name__)
+    from fluxguard.generators.flux import FluxBackend
+    from fluxguard.generators.sd import SDBackend
+
+LITE = "lite"
+"""Model name of the shipped lite models, accepted wherever a model id or folder is."""
 
 LITE_SIZE = 256
 """Side of the aligned portrait crop (px) the lite models were trained at."""
@@ -50,89 +43,44 @@ def lite_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "weights" / "lite"
 
 
-def _folder(name: str) -> Path:
-    path = lite_dir() / name
-    if not (path / "config.json").is_file() and not (path / "scheduler_config.json").is_file():
-        raise FluxguardError("lite model files are missing (reinstall fluxguard)", path=path)
-    return path
+def resolve_model(model: str | Path) -> str:
+    """``"lite"`` -> the shipped folder (checked); anything else unchanged."""
+    if str(model) != LITE:
+        return str(model)
+    folder = lite_dir()
+    if not (folder / "vae" / "config.json").is_file():
+        raise FluxguardError("the built-in lite model files are missing (reinstall fluxguard)", path=folder)
+    return str(folder)
 
 
-def _frozen(module: torch.nn.Module) -> torch.nn.Module:
-    module.to(dtype=torch.float32, device="cpu").eval()
-    module.requires_grad_(False)
-    return module
-
-
-def _quiet() -> None:
-    from diffusers.utils import logging as dlog
-
-    dlog.disable_progress_bar()
+def is_lite(model: str | Path) -> bool:
+    """True for the name ``"lite"`` or the shipped folder itself."""
+    return str(model) == LITE or Path(str(model)).resolve() == lite_dir()
 
 
 def load_lite_vae() -> AutoencoderKL:
     """The lite ``AutoencoderKL`` (frozen, fp32, CPU, eval); images in [-1, 1] as for every diffusers VAE."""
     from diffusers import AutoencoderKL
 
-    _quiet()
-    return _frozen(AutoencoderKL.from_pretrained(_folder("vae"), dtype=torch.float32))
+    vae = AutoencoderKL.from_pretrained(resolve_model(LITE), subfolder="vae", dtype=torch.float32)
+    return vae.eval().requires_grad_(False)
 
 
-def _embeddings(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def load_lite_flux(**kwargs: Any) -> FluxBackend:
+    """The lite rectified-flow model as a text-encoder-free :class:`FluxBackend` (fp32; CPU unless ``device``)."""
+    from fluxguard.generators.flux import FluxBackend
 
-    if not path.is_file():
-        raise FluxguardError("lite null embeddings are missing (reinstall fluxguard)", path=path)
-    return {k: v.float() for k, v in load_file(str(path)).items()}
-
-
-@dataclass
-class LiteFlux:
-    """The lite rectified-flow generator: everything a FLUX backend needs, with stored prompt embeddings."""
-
-    vae: AutoencoderKL
-    transformer: FluxTransformer2DModel
-    scheduler: FlowMatchEulerDiscreteScheduler
-    prompt_embeds: torch.Tensor  # (1, L, joint_attention_dim), the learned null prompt
-    pooled_prompt_embeds: torch.Tensor  # (1, pooled_projection_dim)
-
-    @property
-    def text_ids(self) -> torch.Tensor:
-        """(L, 3) zeros, the text position ids FLUX uses."""
-        return torch.zeros(self.prompt_embeds.shape[1], 3)
+    kwargs.setdefault("device", "cpu")
+    kwargs.setdefault("dtype", torch.float32)
+    return FluxBackend.from_pretrained(LITE, **kwargs)
 
 
-@dataclass
-class LiteSD:
-    """The lite SD-style generator (for WDP): UNet, DDIM scheduler and the learned null text embedding."""
+def load_lite_sd(**kwargs: Any) -> SDBackend:
+    """The lite UNet + DDIM model as a text-encoder-free :class:`SDBackend` (fp32; CPU unless ``device``)."""
+    from fluxguard.generators.sd import SDBackend
 
-    vae: AutoencoderKL
-    unet: UNet2DConditionModel
-    scheduler: DDIMScheduler
-    null_embeds: torch.Tensor  # (1, L, cross_attention_dim)
-
-
-def load_lite_flux() -> LiteFlux:
-    """Load the lite VAE, flow transformer, its scheduler and null prompt (frozen, fp32, CPU, eval)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-
-    _quiet()
-    folder = _folder("transformer")
-    transformer = _frozen(FluxTransformer2DModel.from_pretrained(folder, dtype=torch.float32))
-    emb = _embeddings(folder / "null_prompt.safetensors")
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(_folder("flow_scheduler"))
-    return LiteFlux(load_lite_vae(), transformer, scheduler, emb["prompt_embeds"], emb["pooled_prompt_embeds"])
-
-
-def load_lite_sd() -> LiteSD:
-    """Load the lite VAE, UNet, DDIM scheduler and null text embedding (frozen, fp32, CPU, eval)."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel
-
-    _quiet()
-    folder = _folder("unet")
-    unet = _frozen(UNet2DConditionModel.from_pretrained(folder, dtype=torch.float32))
-    emb = _embeddings(folder / "null_text.safetensors")
-    scheduler = DDIMScheduler.from_pretrained(_folder("ddim_scheduler"))
-    return LiteSD(load_lite_vae(), unet, scheduler, emb["null_embeds"])
+    kwargs.setdefault("device", "cpu")
+    return SDBackend.from_pretrained(LITE, **kwargs)
 
 
 def encode_latents(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:

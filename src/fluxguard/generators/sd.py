@@ -170,7 +170,7 @@ class SDBackend:
         """Load a diffusers SD folder or hub id (see the module docstring for the two layouts).
 
         Args:
-            model: hub id (e.g. ``stabilityai/stable-diffusion-2-base``) or local folder.
+            model: hub id (e.g. ``stabilityai/stable-diffusion-2-base``), local folder, or "lite" (built in).
             device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ...
             dtype: weights dtype (float32 as in the paper; float16/bfloat16 on GPUs to save time).
             null_embedding: override the unconditional embedding (tensor or safetensors file); skips the text
@@ -179,6 +179,9 @@ class SDBackend:
         """
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
+        from fluxguard.generators.lite import resolve_model
+
+        model = resolve_model(model)
         dev = _resolve_device(device)
         folder = Path(model) if Path(str(model)).is_dir() else None
         if folder is None and str(model).startswith((".", "/", "~")):

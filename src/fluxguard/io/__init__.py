@@ -7,6 +7,7 @@ from fluxguard.io.image import (
     format_for_path,
     load_image,
     output_path,
+    remove_stale_partials,
     save_image,
     write_bytes_atomic,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "format_for_path",
     "load_image",
     "output_path",
+    "remove_stale_partials",
     "save_image",
     "write_bytes_atomic",
 ]

@@ -35,6 +35,7 @@ _EXT_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP",
 # Formats that lose the protective signal if written (palette quantisation) are saved as PNG instead.
 _FALLBACK_FORMAT = {"GIF": "PNG", "MPO": "JPEG", "ICO": "PNG", "PPM": "PNG", "TGA": "PNG", "PCX": "PNG"}
 DEFAULT_JPEG_QUALITY = 95
+PART_SUFFIX = ".part"  # temporary files of write_bytes_atomic
 
 
 @dataclass
@@ -229,7 +230,8 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, *, overwrite: 
     if dest.exists() and not overwrite:
         raise ImageError("output exists; pass --overwrite to replace it", path=dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    # The writer's pid in the name lets remove_stale_partials() tell a killed writer's leftover from a live one.
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=PART_SUFFIX, dir=dest.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -251,6 +253,38 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, *, overwrite: 
         if os.path.exists(tmp):
             os.unlink(tmp)
     return dest
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's), or we cannot tell: keep its file
+    return True
+
+
+def remove_stale_partials(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files that writers killed mid-write (``kill -9``, power loss) left in ``folder``.
+
+    Only files named like :func:`write_bytes_atomic`'s temporaries whose writing process is gone are removed; the
+    finished outputs are never touched (a write is a rename, so they are whole or absent).
+    """
+    removed: list[Path] = []
+    d = Path(folder)
+    if not d.is_dir():
+        return removed
+    for f in d.glob(f".*{PART_SUFFIX}"):
+        parts = f.name[: -len(PART_SUFFIX)].split(".")  # "", name..., pid, random
+        if len(parts) < 4 or not parts[-2].isdigit() or _pid_alive(int(parts[-2])):
+            continue
+        try:
+            f.unlink()
+            removed.append(f)
+        except OSError:
+            pass
+    return removed
 
 
 def save_image(

@@ -15,10 +15,11 @@ from typing import Any, ClassVar
 
 import torch
 
+from fluxguard.errors import ConfigError
 from fluxguard.recognition.base import FaceRecognizer
 
 
-class Mode(str, Enum):
+class Mode(str, Enum):  # noqa: UP042 (str mix-in: Mode("dodge") and plain-string comparisons, Python 3.11)
     """Dodging: no FR model should match the protected face to its person. Impersonation: match a chosen target."""
 
     DODGE = "dodge"
@@ -39,6 +40,13 @@ ProgressFn = Callable[[str, int, int], None]
 class ProtectionMethod(ABC):
     """Base class. Subclasses set ``name`` and ``crop_size`` and implement :meth:`protect_faces`.
 
+    Class attributes a method may set besides those:
+
+    * ``config_class``: the dataclass of its parameters; :meth:`parameter_names` lists its fields, so callers (the
+      CLI, the web UI) can refuse an unknown parameter before any model is loaded.
+    * ``presets``: strength name (``low``/``medium``/``high``) -> parameter overrides, applied under explicit
+      parameters; ``medium`` is the method's defaults.
+
     Args:
         recognizers: the attack ensemble (white-box FR models); black-box judges are never passed here.
         mode: dodging or impersonation.
@@ -46,12 +54,24 @@ class ProtectionMethod(ABC):
 
     name: ClassVar[str]
     crop_size: int = 256
+    config_class: ClassVar[type | None] = None
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, recognizers: Sequence[FaceRecognizer], *, mode: Mode | str = Mode.DODGE) -> None:
         if not recognizers:
             raise ValueError("a protection method needs at least one FR model to attack")
         self.recognizers = list(recognizers)
-        self.mode = Mode(mode)
+        try:
+            self.mode = Mode(mode)
+        except ValueError:
+            raise ConfigError(f"unknown mode {mode!r}; use dodge or impersonate") from None
+
+    @classmethod
+    def parameter_names(cls) -> list[str]:
+        """The parameters the method accepts (fields of ``config_class``; empty when it declares none)."""
+        import dataclasses
+
+        return [f.name for f in dataclasses.fields(cls.config_class)] if cls.config_class is not None else []
 
     @abstractmethod
     def protect_faces(

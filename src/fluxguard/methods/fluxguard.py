@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -61,9 +61,10 @@ class FluxGuardConfig:
     changes it).
     """
 
-    model: str = "black-forest-labs/FLUX.1-dev"  # HF id or local folder
-    crop_size: int = 512
-    num_steps: int = 25  # N
+    model: str = "lite"  # "lite" (built in, CPU-sized), a Hugging Face id (black-forest-labs/FLUX.1-dev) or a folder
+    # None: the schedule of the model (PAPER_SCHEDULE for FLUX, LITE_SCHEDULE for the lite model), see resolved()
+    crop_size: int | None = None
+    num_steps: int | None = None  # N
     guidance: float = 5.5  # generation
     inversion_guidance: float = 1.0
     source_prompt: str | None = None
@@ -77,12 +78,12 @@ class FluxGuardConfig:
     v_inject_from_block: int = 20  # first single-stream block whose V is replaced (of v_inject_reference_blocks)
     v_inject_reference_blocks: int = 38  # FLUX.1-dev depth; other depths scale the start proportionally
     # Detailing: mask-guided velocity fusion on steps [fusion_start, fusion_end)
-    fusion_start: int = 5
-    fusion_end: int = 20
+    fusion_start: int | None = None
+    fusion_end: int | None = None
     fusion_index: str = "as_released"
     mask_blur_sigma: float = 1.0
     # adversarial stage
-    attack_start: int = 20
+    attack_start: int | None = None
     adam_steps: int = 10
     adam_lr: float = 0.02
     perceptual_weight: float = 0.5
@@ -101,7 +102,17 @@ class FluxGuardConfig:
     store_v_on_cpu: bool = False  # keep the injected V tensors (~1.7 GB at 512, ~5 GB at 1024) in CPU memory
     vae_checkpointing: bool = False  # recompute VAE decoder activations in the backward pass (less memory)
 
+    def resolved(self, lite: bool | None = None) -> FluxGuardConfig:
+        """A copy with every ``None`` of the schedule filled from the model's schedule (lite: ``is_lite(model)``)."""
+        from fluxguard.generators.lite import is_lite
+
+        base = LITE_SCHEDULE if (is_lite(self.model) if lite is None else lite) else PAPER_SCHEDULE
+        return replace(self, **{k: v for k, v in base.items() if getattr(self, k) is None})
+
     def validate(self) -> None:
+        if any(getattr(self, k) is None for k in PAPER_SCHEDULE):
+            self.resolved().validate()
+            return
         if self.fusion_index not in FUSION_INDEX:
             raise ConfigError(f"fusion_index must be one of {FUSION_INDEX}, got {self.fusion_index!r}")
         if self.num_steps < 1:
@@ -116,6 +127,15 @@ class FluxGuardConfig:
             raise ConfigError(f"crop_size must be a multiple of 16, got {self.crop_size}")
         if self.adam_steps < 0 or self.adam_lr <= 0:
             raise ConfigError("adam_steps must be >= 0 and adam_lr > 0")
+
+
+# The authors' schedule on FLUX.1-dev at 512 px (design/methods.md §2.3).
+PAPER_SCHEDULE: dict[str, int] = {"crop_size": 512, "num_steps": 25, "fusion_start": 5, "fusion_end": 20,
+                                  "attack_start": 20}
+# The same stages in proportion on the lite model, at its 256 px training size, with 10 steps: the lite transformer
+# is small enough that 10 RF-Solver steps reconstruct as well as 25 (benchmarks/lite.py), and a CPU needs the time.
+LITE_SCHEDULE: dict[str, int] = {"crop_size": 256, "num_steps": 10, "fusion_start": 2, "fusion_end": 8,
+                                 "attack_start": 8}
 
 
 def rf_solver_step(z: torch.Tensor, v: torch.Tensor, v_mid: torch.Tensor, h: float) -> torch.Tensor:
@@ -241,7 +261,8 @@ class FluxGuard(ProtectionMethod):
     Args:
         recognizers: white-box FR ensemble (the attack surrogates).
         mode: dodging or impersonation.
-        config: :class:`FluxGuardConfig` (paper defaults).
+        config: :class:`FluxGuardConfig` (paper defaults); keyword overrides are applied on top
+            (``FluxGuard(frs, adam_steps=5)``).
         backend: a loaded :class:`~fluxguard.generators.flux.FluxBackend`; default: loaded lazily from
             ``config.model`` on first use.
         perceptual: a perceptual loss module ``(x, ref) -> (B,)`` in VGG relu3_4 MSE units; default from config
@@ -250,13 +271,26 @@ class FluxGuard(ProtectionMethod):
     """
 
     name = "fluxguard"
-    crop_size = 512
+    crop_size = LITE_SCHEDULE["crop_size"]  # of the default (lite) model; instances take it from their config
+    config_class = FluxGuardConfig
+    # Adam iterations per attacked step and the largest identity-loss weight of the adaptive schedule (medium = the
+    # authors' 10 / 1.0); the same on any model, whatever its number of steps.
+    presets = {
+        "low": {"adam_steps": 5, "w_max": 0.5},
+        "medium": {"adam_steps": 10, "w_max": 1.0},
+        "high": {"adam_steps": 20, "w_max": 2.0},
+    }
 
     def __init__(self, recognizers: Sequence[FaceRecognizer], *, mode: Mode | str = Mode.DODGE,
                  config: FluxGuardConfig | None = None, backend: Any = None, perceptual: nn.Module | None = None,
-                 landmarker: Any = None) -> None:
+                 landmarker: Any = None, **overrides: Any) -> None:
         super().__init__(recognizers, mode=mode)
-        self.config = config or FluxGuardConfig()
+        unknown = sorted(set(overrides) - {f.name for f in fields(FluxGuardConfig)})
+        if unknown:
+            raise ConfigError(f"fluxguard has no parameter {unknown[0]!r}; valid: "
+                              f"{', '.join(f.name for f in fields(FluxGuardConfig))}")
+        lite = None if backend is None else getattr(backend, "name", "") == "lite"
+        self.config = replace(config or FluxGuardConfig(), **overrides).resolved(lite)
         self.config.validate()
         self.crop_size = self.config.crop_size
         self._backend = backend

@@ -77,6 +77,14 @@ class PGD(ProtectionMethod):
     """Ensemble MI-FGSM + DI (+TI, +EOT) on the aligned face; see the module docstring."""
 
     name = "pgd"
+    config_class = PGDConfig
+    # L-inf budget and iterations; "high" also optimises through JPEG round trips (EOT) so the change survives
+    # re-compression.
+    presets = {
+        "low": {"eps": 4 / 255, "steps": 25},
+        "medium": {"eps": 8 / 255, "steps": 50},
+        "high": {"eps": 12 / 255, "steps": 100, "eot": ["jpeg"]},
+    }
 
     def __init__(
         self,

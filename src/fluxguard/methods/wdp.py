@@ -47,7 +47,8 @@ class WDPConfig:
     """Every constant of WDP, with the paper's defaults (``main.py`` of the authors' code).
 
     Attributes:
-        model: SD model id or folder (:meth:`SDBackend.from_pretrained`); the paper uses SD2-base at 256 px.
+        model: "lite" (built in), an SD model id or a folder (:meth:`SDBackend.from_pretrained`); the paper
+            uses SD2-base at 256 px.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``...
         dtype: model weights dtype; the paper runs float32. Optimised tensors always stay float32.
         crop_size: side of the aligned portrait crops (``image_size``, 256).
@@ -70,7 +71,7 @@ class WDPConfig:
             False is the authors' batched two-branch forward.
     """
 
-    model: str = "stabilityai/stable-diffusion-2-base"
+    model: str = "lite"  # built in; the paper: stabilityai/stable-diffusion-2-base
     device: str = "auto"
     dtype: str = "float32"
     crop_size: int = 256
@@ -337,6 +338,13 @@ class WDP(ProtectionMethod):
 
     name: ClassVar[str] = "wdp"
     crop_size: int = 256
+    config_class = WDPConfig
+    # Weight of the identity loss and adversarial AdamW iterations (medium = the paper's 0.003 and 30).
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "low": {"lambda_adv": 0.0015, "prot_steps": 15},
+        "medium": {"lambda_adv": 0.003, "prot_steps": 30},
+        "high": {"lambda_adv": 0.006, "prot_steps": 60},
+    }
 
     def __init__(
         self,

@@ -192,11 +192,11 @@ class DlibResNet29(nn.Module):
 # ArcFace 5 points in the frame of dlib.get_face_chip(img, shape5, size=150, padding=0.25), fitted by
 # scripts/calibrate_templates.py on 802 calib-split faces (it reports the fit error).
 DLIB_CHIP_150 = (
-    (47.23, 46.23),
-    (99.9, 45.87),
-    (72.59, 76.91),
-    (49.96, 101.92),
-    (97.84, 101.55),
+    (47.77, 45.47),
+    (101.47, 44.96),
+    (73.8, 78.8),
+    (50.93, 102.54),
+    (98.66, 102.0),
 )
 
 
