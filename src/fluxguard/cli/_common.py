@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fluxguard.errors import FluxguardError
 
@@ -25,7 +26,8 @@ def friendly_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except FluxguardError as e:
-            console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+            # escaped: messages hold file names and extras ('fluxguard[dist]') that rich would read as markup
+            console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]")

@@ -80,10 +80,20 @@ def protect(
     seed: int = typer.Option(0, "--seed", help="Seed of the random start."),
     shadow: Path = typer.Option(None, "--shadow", help="Shadow decoder file (default: the shipped one of the "
                                 "templates' model)."),
-    model: str = typer.Option(None, "--model", "-m", help="Expected FR model of the templates (checked)."),
+    model: str = typer.Option(None, "--model", "-m", help="Expected FR model of the templates (checked); needed "
+                              "for a template store."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace DST if it exists."),
+    ray: str = typer.Option(None, "--ray", metavar="ADDRESS", help="Protect a template store on Ray (pip install "
+                            "'fluxguard[dist]'): 'local', 'auto' or a head address.",
+                            rich_help_panel="Template stores"),
+    ray_workers: int = typer.Option(None, "--ray-workers", min=1, help="Ray workers (default: one per CPU).",
+                                    rich_help_panel="Template stores"),
 ) -> None:
-    """Protect templates with AdvFace; the result keeps cosine >= the floor to each clean template."""
+    """Protect templates with AdvFace; the result keeps cosine >= the floor to each clean template.
+
+    SRC may also be a template store: a folder of shards (``.npy`` (N, D) arrays, or ``.safetensors`` with the
+    templates under ``embeddings``), protected shard by shard into the folder DST (resumable, with
+    DST/fluxguard-templates-summary.json), here or with --ray on a Ray cluster."""
     import numpy as np
 
     from fluxguard.features.advface import AdvFace
@@ -91,6 +101,10 @@ def protect(
 
     if variant.upper() not in ("A", "B"):
         raise ConfigError(f"--variant must be A or B, got {variant!r}")
+    if src.is_dir() or src.suffix in (".npy", ".safetensors") or ray is not None:
+        _protect_store(src, dst, _config(variant, min_cosine, epsilon, steps, seed), shadow, model, overwrite, ray,
+                       ray_workers, seed)
+        return
     ts = TemplateSet.load(src)
     if model is not None and model != ts.model:
         raise FluxguardError(f"the templates come from FR model {ts.model!r}, not {model!r}; templates of different "
@@ -103,6 +117,41 @@ def protect(
     ts.with_protection(res.templates, adv.describe()).save(dst, overwrite=overwrite)
     console.print(f"{len(ts)} {ts.model} template(s) protected (variant {adv.config.variant}) -> {dst}; cosine to "
                   f"clean min {np.min(res.cosine, initial=1):.3f}, mean {np.mean(res.cosine) if len(ts) else 1:.3f}")
+
+
+def _advface_protect(model: str, config: object, shadow: Path | None):
+    """Built once per worker: AdvFace(...).protect, a (templates (N, D), generator) -> (N, D) callable."""
+    from fluxguard.features.advface import AdvFace
+
+    return AdvFace(model, config, shadow=shadow).protect
+
+
+def _protect_store(src: Path, dst: Path, config: object, shadow: Path | None, model: str | None, overwrite: bool,
+                   ray: str | None, ray_workers: int | None, seed: int) -> None:
+    import functools
+
+    from rich.markup import escape
+
+    from fluxguard import dist
+    from fluxguard.cli.protect import EXIT_SOME_FAILED
+    from fluxguard.features.advface import AdvFace
+
+    if src.suffix == ".npz":
+        raise ConfigError("--ray protects template stores (folders of .npy/.safetensors shards); a .npz template "
+                          "file is protected without --ray")
+    if model is None:
+        raise ConfigError("template store shards do not name their FR model; give --model (e.g. mobileface)")
+    adv = AdvFace(model, config, shadow=shadow)  # a wrong model or shadow decoder fails here, before any worker
+    rec = dist.protect_template_store(
+        src, dst, functools.partial(_advface_protect, model, config, shadow), ray=ray, workers=ray_workers,
+        seed=seed, overwrite=overwrite, describe=adv.describe(),
+        on_entry=lambda e: console.print(escape(f"{Path(e['input']).name}: {e['status']}"
+                                                + (f" ({e['message']})" if "message" in e else ""))))
+    c = rec["counts"]
+    console.print(f"{rec['templates']} {model} template(s) protected in {c['protected']} shard(s) -> {dst}; "
+                  f"{c['skipped']} shard(s) already done, {c['failed']} failed")
+    if c["failed"]:
+        raise typer.Exit(EXIT_SOME_FAILED)
 
 
 @features_app.command()

@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,85 @@ def _previous_entries(path: Path) -> dict[str, dict]:
         return {}
 
 
+
+@dataclass(frozen=True)
+class BatchJob:
+    """What every photo of a batch shares; picklable, so Ray workers (``fluxguard.dist``) get the same job."""
+
+    out: Path
+    suffix: str = "_protected"
+    overwrite: bool = False
+    quality: int | None = None
+    seed: int = 0
+    target: Any = None  # LoadedImage of the identity to impersonate, decoded once
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    items: tuple[str, ...] = ()  # the photos/folders as given (with --recursive, outputs keep their sub-folders)
+    recursive: bool = False
+    previous: dict[str, dict] = field(default_factory=dict)  # an earlier run's entries, per output file
+
+
+def protect_one(protector: Any, src: Path, job: BatchJob, progress: Any = None,
+                claimed: dict[Path, Path] | None = None) -> dict[str, Any]:
+    """Protect one photo of a batch: its summary entry (status protected, skipped, no_face or failed).
+
+    The local batch and every Ray worker run this, so both write the same files the same way. ``claimed`` (output
+    -> input, filled in here) catches two inputs with the same output name within one process.
+    """
+    from fluxguard.io import load_image, output_path
+
+    entry: dict[str, Any] = {"input": str(src)}
+    try:
+        loaded = load_image(src, max_pixels=job.max_pixels)
+        dest = output_path(src, job.out / output_subdir(src, list(job.items), job.recursive), loaded.save_format,
+                           job.suffix)
+        entry["output"] = str(dest)
+        if dest.resolve() == src.resolve():
+            raise ImageError("the output would replace the input; choose another --out or --suffix", path=src)
+        if claimed is not None:
+            if dest.resolve() in claimed:
+                raise ImageError(_same_output(claimed[dest.resolve()], dest), path=src)
+            claimed[dest.resolve()] = src
+        if dest.exists() and not job.overwrite:
+            # finished by an earlier run (outputs are written atomically, so it is whole)
+            done = job.previous.get(str(dest), {})
+            entry.update(status="skipped", **{k: done[k] for k in ("faces", "timings") if k in done})
+        else:
+            res = protector.protect(loaded, target=job.target, seed=job.seed, progress=progress)
+            res.save(dest, overwrite=job.overwrite, quality=job.quality)
+            entry.update(status="protected", faces=[f.to_dict() for f in res.faces],
+                         timings={k: round(v, 3) for k, v in res.timings.items()})
+    except NoFaceError as e:
+        entry.update(status="no_face", message=str(e))
+    except FluxguardError as e:
+        entry.update(status="failed", message=str(e))
+    return entry
+
+
+def _same_output(first: Path, dest: Path) -> str:
+    return (f"has the same output name as {first} ({dest.name}); rename one, or give their common folder with "
+            "--recursive")
+
+
+def _claim(entry: dict[str, Any], claimed: dict[Path, Path]) -> dict[str, Any]:
+    """On the driver of a Ray run: the later of two photos with one output name fails, as in the local batch."""
+    if "output" not in entry or entry["status"] not in ("protected", "skipped"):
+        return entry
+    dest, src = Path(entry["output"]).resolve(), Path(entry["input"])
+    if dest in claimed and claimed[dest] != src:
+        return {"input": entry["input"], "output": entry["output"], "status": "failed",
+                "message": str(ImageError(_same_output(claimed[dest], dest), path=src))}
+    claimed[dest] = src
+    return entry
+
+
+def batch_exit_code(counts: dict[str, int]) -> int:
+    """The batch's exit code from its status counts (see the epilog of ``fluxguard protect``)."""
+    if counts["failed"]:
+        return EXIT_SOME_FAILED
+    if counts["no_face"]:
+        return EXIT_NO_FACE
+    return EXIT_OK
+
 @app.command(
     epilog="Exit codes: 0 all photos protected; 3 some photos had no face; 4 some photos failed; "
     "1/2 bad arguments or input.\n\n"
@@ -146,15 +226,33 @@ def protect(
     demo: bool = typer.Option(False, "--demo", help="Protect a sample photo (skimage's astronaut)."),
     summary: Path | None = typer.Option(None, "--summary", help=f"JSON summary path (default OUT/{SUMMARY_NAME})."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+    ray: str | None = typer.Option(None, "--ray", metavar="ADDRESS", help="Run on Ray (pip install "
+                                   "'fluxguard[dist]'): 'local' starts Ray on this machine, 'auto' joins the cluster "
+                                   "this machine belongs to, else a head address (host:6379, ray://host:10001).",
+                                   rich_help_panel="Ray"),
+    ray_workers: int | None = typer.Option(None, "--ray-workers", min=1, help="Workers, each loading the models "
+                                           "once (default: as many as the cluster's CPUs, or GPUs with --device "
+                                           "cuda, allow).", rich_help_panel="Ray"),
+    ray_cpus: float = typer.Option(1.0, "--ray-cpus", min=0.1, help="CPUs per worker (its torch threads).",
+                                   rich_help_panel="Ray"),
+    ray_gpus: float | None = typer.Option(None, "--ray-gpus", min=0.0, help="GPUs per worker (default: 1 with "
+                                          "--device cuda, else 0); 0.5 puts two workers on a GPU.",
+                                          rich_help_panel="Ray"),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Photos a worker takes at a time.",
+                                   rich_help_panel="Ray"),
 ) -> None:
     """Protect every face in PHOTOS; write protected copies to OUT (never over the originals)."""
+    import functools
+
+    from rich.markup import escape
+
     from fluxguard.api import Protector, method_params, resolve_device
-    from fluxguard.io import load_image, output_path, remove_stale_partials
+    from fluxguard.io import load_image, remove_stale_partials
     from fluxguard.methods import METHODS
 
     # Every flag is checked against the method before any photo or model is loaded: nothing is silently ignored.
     params = method_params(method, parse_params(param), model=model, edit=edit, mode=mode)
-    device = resolve_device(device)
+    device = device if ray is not None else resolve_device(device)  # on Ray, the workers' devices count
     presets = METHODS[method].presets
     if strength is not None and strength not in presets:
         raise ConfigError(f"method {method!r} has no strength {strength!r}; valid: {', '.join(presets) or 'none'}")
@@ -177,17 +275,20 @@ def protect(
     summary_path = summary or out / SUMMARY_NAME
     previous = _previous_entries(summary_path)
 
-    protector = Protector(method, mode=mode, fr_models=split_names(fr_models), judges=split_names(judges),
-                          strength=strength, device=device, **params)
+    make_protector = functools.partial(Protector, method, mode=mode, fr_models=split_names(fr_models),
+                                       judges=split_names(judges), strength=strength, device=device, **params)
+    job = BatchJob(out=out, suffix=suffix, overwrite=overwrite, quality=quality, seed=seed, target=target_image,
+                   max_pixels=max_pixels, items=tuple(photos), recursive=recursive, previous=previous)
+    protector = make_protector() if ray is None else None
     record: dict[str, Any] = {
         "method": method,
         "mode": mode,
-        "params": protector.params(),
+        "params": protector.params() if protector is not None else None,
         "seed": seed,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "photos": [],
     }
-    notes = _method_notes(protector)
+    notes = _method_notes(protector) if protector is not None else []
     for note in notes:
         console.print(f"[yellow]note:[/] {note}")
     if notes:
@@ -212,33 +313,20 @@ def protect(
             bar.update(stage_task, description=f"  {stage}", completed=step, total=total, visible=True)
 
         claimed: dict[Path, Path] = {}  # output -> the input that writes it in this run
-        for src in inputs:
-            entry: dict[str, Any] = {"input": str(src)}
-            try:
-                loaded = load_image(src, max_pixels=max_pixels)
-                dest = output_path(src, out / output_subdir(src, photos, recursive), loaded.save_format, suffix)
-                entry["output"] = str(dest)
-                if dest.resolve() == src.resolve():
-                    raise ImageError("the output would replace the input; choose another --out or --suffix",
-                                     path=src)
-                if dest.resolve() in claimed:
-                    raise ImageError(f"has the same output name as {claimed[dest.resolve()]} ({dest.name}); rename "
-                                     "one, or give their common folder with --recursive", path=src)
-                claimed[dest.resolve()] = src
-                if dest.exists() and not overwrite:
-                    # finished by an earlier run (outputs are written atomically, so it is whole)
-                    done = previous.get(str(dest), {})
-                    entry.update(status="skipped", **{k: done[k] for k in ("faces", "timings") if k in done})
-                else:
-                    res = protector.protect(loaded, target=target_image, seed=seed, progress=on_progress)
-                    res.save(dest, overwrite=overwrite, quality=quality)
-                    entry.update(status="protected", faces=[f.to_dict() for f in res.faces],
-                                 timings={k: round(v, 3) for k, v in res.timings.items()})
-            except NoFaceError as e:
-                entry.update(status="no_face", message=str(e))
-            except FluxguardError as e:
-                entry.update(status="failed", message=str(e))
-                console.print(f"[red]failed:[/] {e}")
+        if protector is not None:
+            results = ((protect_one(protector, src, job, on_progress, claimed), protector.params())
+                       for src in inputs)
+        else:
+            from fluxguard import dist
+
+            # The same protect_one, in Ray workers that load the models once; entries come back as they finish.
+            results = ((_claim(e, claimed), p) for e, p in dist.protect_photos(
+                inputs, make_protector, job, address=ray, workers=ray_workers, num_cpus=ray_cpus, device=device,
+                num_gpus=ray_gpus, batch_size=batch_size))
+        for entry, run_params in results:
+            record["params"] = run_params
+            if entry["status"] == "failed":
+                console.print(f"[red]failed:[/] {escape(entry['message'])}")
             counts[entry["status"]] += 1
             record["photos"].append(entry)
             record["counts"] = counts
@@ -246,6 +334,8 @@ def protect(
             bar.advance(photos_task)
             bar.update(stage_task, visible=False)
 
+    order = {str(p): i for i, p in enumerate(inputs)}
+    record["photos"].sort(key=lambda e: order[e["input"]])  # Ray finishes photos out of order
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     _write_summary(summary_path, record)
     if json_out:
@@ -254,10 +344,9 @@ def protect(
         print_json(record)
     else:
         _print_table(record)
-    if counts["failed"]:
-        raise typer.Exit(EXIT_SOME_FAILED)
-    if counts["no_face"]:
-        raise typer.Exit(EXIT_NO_FACE)
+    code = batch_exit_code(counts)
+    if code != EXIT_OK:
+        raise typer.Exit(code)
 
 
 def _method_notes(protector: Any) -> list[str]:
