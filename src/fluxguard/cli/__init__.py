@@ -37,7 +37,7 @@ def _root(
 
 def _register() -> None:
     # One import per command module; each module adds its commands to `app`.
-    from fluxguard.cli import check, evaluate, faces, features, models, protect, serve  # noqa: F401
+    from fluxguard.cli import check, evaluate, faces, features, models, protect, quality, serve  # noqa: F401
 
 
 _register()

@@ -1,5 +1,6 @@
 """Image quality of a protected photo against its original: PSNR, SSIM, MS-SSIM (scikit-image / pytorch-msssim),
-and LPIPS / FID only when the user points to their weights (they cannot be downloaded here)."""
+and LPIPS / FID (``fluxguard.eval.learned_metrics``, ``fluxguard quality``) only from weights the user points to
+(they cannot be downloaded here)."""
 
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ def ms_ssim(a: np.ndarray, b: np.ndarray) -> float | None:
 
     if min(a.shape[:2]) < 161:
         return None
-    ta = torch.from_numpy(a).permute(2, 0, 1)[None].float()
-    tb = torch.from_numpy(b).permute(2, 0, 1)[None].float()
+    ta = torch.from_numpy(np.array(a)).permute(2, 0, 1)[None].float()  # a copy: inputs may be read-only
+    tb = torch.from_numpy(np.array(b)).permute(2, 0, 1)[None].float()
     return float(_ms_ssim(ta, tb, data_range=255, size_average=True))
 
 
