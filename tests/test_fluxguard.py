@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -334,3 +335,24 @@ def test_whole_image_with_landmarks(backend):
     fr = m.recognizers[0]
     loss = IdentityLoss([fr], img, landmarks=lm)
     assert torch.allclose(loss(img), fr(img, lm).pow(2).sum(-1))  # the source's own cosine is 1 with its landmarks
+
+
+def test_cli_protect_with_a_saved_tiny_model(lite_dir, tmp_path, astronaut):
+    """`fluxguard protect photo --method fluxguard --model PATH`: the user's loading path, on a real photo."""
+    from typer.testing import CliRunner
+
+    from fluxguard.cli import app
+    from fluxguard.io import save_image
+
+    photo = tmp_path / "me.png"
+    save_image(photo, astronaut)
+    args = ["protect", str(photo), "--out", str(tmp_path / "out"), "--method", "fluxguard", "--model", str(lite_dir),
+            "--fr-models", "mobileface", "--judges", "mobileface", "--json"]
+    for kv in ("crop_size=64", "num_steps=4", "fusion_start=1", "fusion_end=3", "attack_start=3", "adam_steps=2"):
+        args += ["--param", kv]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "out" / "fluxguard-summary.json").read_text())
+    (entry,) = summary["photos"]
+    assert entry["status"] == "protected" and summary["params"]["model"] == str(lite_dir)
+    assert (tmp_path / "out" / "me_protected.png").is_file()
