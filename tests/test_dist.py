@@ -22,6 +22,19 @@ TESTS = Path(__file__).resolve().parent
 FACE_PHOTOS = ("a", "b", "c")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Local runs use one torch thread, as the Ray workers do (OMP_NUM_THREADS=1 below): another thread count
+    changes float rounding, and these tests compare Ray's outputs with local ones byte for byte. Session-scoped so
+    it is in place before the session fixtures that compute local results."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'fluxguard[dist]')")
