@@ -7,8 +7,10 @@ The face pack is a uint8 array (N, S, S, 3) of aligned portrait crops in RGB, wr
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -141,3 +143,58 @@ class EMA:
                 self.shadow[k].mul_(d).add_(v.detach(), alpha=1 - d)
             else:
                 self.shadow[k].copy_(v)
+
+
+def train_with_ema(model: torch.nn.Module, args, run: Path, gen: torch.Generator,
+                   batch_loss: Callable[[], torch.Tensor], **start_info) -> tuple[RunLog, int]:
+    """The denoiser training loop shared by the flow transformer and the UNet.
+
+    AdamW (weight decay 0.01) with a 300-step warm-up and a cosine to 10 % over ``args.cpu_minutes`` of process CPU
+    time, gradient clipping at 1, an EMA of the weights (``args.ema``), the mean loss logged every 50 steps and a
+    checkpoint every ``args.ckpt_every`` seconds; resumes from ``<run>/ckpt.pt``. ``batch_loss`` draws a batch
+    (from ``gen``) and returns its loss. On return the model holds the EMA weights, in eval mode.
+    """
+    ema = EMA(model, args.ema)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    step, wall0, cpu0 = 0, 0.0, 0.0
+    ckpt = run / "ckpt.pt"
+    if ckpt.is_file():
+        st = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(st["model"])
+        ema.shadow = st["ema"]
+        opt.load_state_dict(st["opt"])
+        gen.set_state(st["gen"])
+        step, wall0, cpu0 = st["step"], st["wall"], st["cpu"]
+    log = RunLog(run, wall0, cpu0)
+    log(event="start", step=step, args=vars(args), **start_info, params=sum(p.numel() for p in model.parameters()))
+
+    def state() -> dict:
+        return {"model": model.state_dict(), "ema": ema.shadow, "opt": opt.state_dict(), "gen": gen.get_state(),
+                "step": step, "wall": log.wall, "cpu": log.cpu}
+
+    budget = args.cpu_minutes * 60
+    last_ckpt, run_loss = time.time(), 0.0
+    model.train()
+    while log.cpu < budget:
+        frac = log.cpu / budget
+        lr = args.lr * min(1.0, (step + 1) / 300) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss = batch_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema.update(model, step)
+        step += 1
+        run_loss += float(loss)
+        if step % 50 == 0:
+            log(step=step, lr=round(lr, 7), loss=round(run_loss / 50, 5))
+            run_loss = 0.0
+        if time.time() - last_ckpt > args.ckpt_every:
+            save_checkpoint(ckpt, state())
+            last_ckpt = time.time()
+    save_checkpoint(ckpt, state())
+    model.load_state_dict(ema.shadow)
+    model.eval()
+    return log, step

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from _lite_common import CACHE, EMA, RunLog, cached_latents, save_checkpoint
+from _lite_common import CACHE, cached_latents, train_with_ema
 from torch import nn
 
 BASE_SEQ, MAX_SEQ, BASE_SHIFT, MAX_SHIFT = 256, 4096, 0.5, 1.15  # FLUX.1-dev scheduler values
@@ -142,34 +141,9 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     model = FlowModel(make_transformer(args), args.text_len)
-    ema = EMA(model, args.ema)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
     gen = torch.Generator().manual_seed(args.seed)
-    step, wall0, cpu0 = 0, 0.0, 0.0
-    ckpt = run / "ckpt.pt"
-    if ckpt.is_file():
-        st = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(st["model"])
-        ema.shadow = st["ema"]
-        opt.load_state_dict(st["opt"])
-        gen.set_state(st["gen"])
-        step, wall0, cpu0 = st["step"], st["wall"], st["cpu"]
-    log = RunLog(run, wall0, cpu0)
-    log(event="start", step=step, args=vars(args), latents=list(lat.shape), latent_std=float(lat.std()),
-        params=sum(p.numel() for p in model.parameters()), mu=mu)
 
-    def state() -> dict:
-        return {"model": model.state_dict(), "ema": ema.shadow, "opt": opt.state_dict(), "gen": gen.get_state(),
-                "step": step, "wall": log.wall, "cpu": log.cpu}
-
-    budget = args.cpu_minutes * 60
-    last_ckpt, run_loss = time.time(), 0.0
-    model.train()
-    while log.cpu < budget:
-        frac = log.cpu / budget
-        lr = args.lr * min(1.0, (step + 1) / 300) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-        for g in opt.param_groups:
-            g["lr"] = lr
+    def batch_loss() -> torch.Tensor:
         idx = torch.randint(0, n, (args.batch,), generator=gen)
         ids = img_ids
         if 0 < args.crop_tokens < h // 2:
@@ -186,24 +160,10 @@ def main() -> None:
         t = torch.sigmoid(torch.randn(args.batch, generator=gen))  # logit-normal(0, 1)
         t = math.exp(mu) / (math.exp(mu) + (1 / t - 1))  # FLUX time shift
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
-        loss = (model(xt, t, ids) - (noise - x0)).square().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema.update(model, step)
-        step += 1
-        run_loss += float(loss)
-        if step % 50 == 0:
-            log(step=step, lr=round(lr, 7), loss=round(run_loss / 50, 5))
-            run_loss = 0.0
-        if time.time() - last_ckpt > args.ckpt_every:
-            save_checkpoint(ckpt, state())
-            last_ckpt = time.time()
-    save_checkpoint(ckpt, state())
+        return (model(xt, t, ids) - (noise - x0)).square().mean()
 
-    model.load_state_dict(ema.shadow)
-    model.eval()
+    log, step = train_with_ema(model, args, run, gen, batch_loss, latents=list(lat.shape),
+                               latent_std=float(lat.std()), mu=mu)
     out = run / "export"
     model.transformer.save_pretrained(out / "transformer")
     scheduler().save_pretrained(out / "scheduler")

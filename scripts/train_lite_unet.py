@@ -15,12 +15,10 @@ Command used for the shipped model (see src/fluxguard/weights/lite/README.md):
 from __future__ import annotations
 
 import argparse
-import math
-import time
 from pathlib import Path
 
 import torch
-from _lite_common import CACHE, EMA, RunLog, cached_latents, save_checkpoint
+from _lite_common import CACHE, cached_latents, train_with_ema
 from torch import nn
 
 
@@ -114,34 +112,9 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     model = NullUNet(make_unet(args, h), args.text_len)
-    ema = EMA(model, args.ema)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
     gen = torch.Generator().manual_seed(args.seed)
-    step, wall0, cpu0 = 0, 0.0, 0.0
-    ckpt = run / "ckpt.pt"
-    if ckpt.is_file():
-        st = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(st["model"])
-        ema.shadow = st["ema"]
-        opt.load_state_dict(st["opt"])
-        gen.set_state(st["gen"])
-        step, wall0, cpu0 = st["step"], st["wall"], st["cpu"]
-    log = RunLog(run, wall0, cpu0)
-    log(event="start", step=step, args=vars(args), latents=list(lat.shape),
-        params=sum(p.numel() for p in model.parameters()))
 
-    def state() -> dict:
-        return {"model": model.state_dict(), "ema": ema.shadow, "opt": opt.state_dict(), "gen": gen.get_state(),
-                "step": step, "wall": log.wall, "cpu": log.cpu}
-
-    budget = args.cpu_minutes * 60
-    last_ckpt, run_loss = time.time(), 0.0
-    model.train()
-    while log.cpu < budget:
-        frac = log.cpu / budget
-        lr = args.lr * min(1.0, (step + 1) / 300) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-        for g in opt.param_groups:
-            g["lr"] = lr
+    def batch_loss() -> torch.Tensor:
         x0 = lat[torch.randint(0, n, (args.batch,), generator=gen)]
         if 0 < args.crop < h:
             oy, ox = (int(torch.randint(0, (h - args.crop) // 8 + 1, (1,), generator=gen)) * 8 for _ in range(2))
@@ -150,24 +123,9 @@ def main() -> None:
         t = torch.randint(0, 1000, (args.batch,), generator=gen)
         a = abar[t][:, None, None, None]
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = (model(xt, t) - noise).square().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema.update(model, step)
-        step += 1
-        run_loss += float(loss)
-        if step % 50 == 0:
-            log(step=step, lr=round(lr, 7), loss=round(run_loss / 50, 5))
-            run_loss = 0.0
-        if time.time() - last_ckpt > args.ckpt_every:
-            save_checkpoint(ckpt, state())
-            last_ckpt = time.time()
-    save_checkpoint(ckpt, state())
+        return (model(xt, t) - noise).square().mean()
 
-    model.load_state_dict(ema.shadow)
-    model.eval()
+    log, step = train_with_ema(model, args, run, gen, batch_loss, latents=list(lat.shape))
     out = run / "export"
     model.unet.save_pretrained(out / "unet")
     scheduler().save_pretrained(out / "scheduler")
