@@ -150,6 +150,22 @@ def _raise_fatal(row: dict[str, Any]) -> None:
         raise FluxguardError(str(row["fatal"]))
 
 
+def _batch_entries(paths: Any, fatal: str, handle: Callable[[Path], dict[str, Any]]) -> list[str]:
+    """One JSON summary entry per path of a worker's batch ("{}" for all when the worker could not start)."""
+    entries = []
+    for src in paths:
+        if fatal:
+            entries.append("{}")
+            continue
+        try:
+            entry = handle(Path(str(src)))
+        except Exception as e:  # noqa: BLE001 - one bad photo or shard must not stop the library or store
+            log.exception("%s: unexpected error", src)
+            entry = {"input": str(src), "status": "failed", "message": f"{src}: {type(e).__name__}: {e}"}
+        entries.append(json.dumps(entry))
+    return entries
+
+
 # -- photo libraries ---------------------------------------------------------------------------------------------
 class _PhotoWorker:
     """A Ray actor: builds the protector once, then runs ``protect_one`` on each photo it is given."""
@@ -169,17 +185,7 @@ class _PhotoWorker:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         from fluxguard.cli.protect import protect_one
 
-        entries = []
-        for src in batch["path"]:
-            if self.fatal:
-                entries.append("{}")
-                continue
-            try:
-                entry = protect_one(self.protector, Path(str(src)), self.job)
-            except Exception as e:  # noqa: BLE001 - one bad photo must not stop a library of them
-                log.exception("%s: unexpected error", src)
-                entry = {"input": str(src), "status": "failed", "message": f"{src}: {type(e).__name__}: {e}"}
-            entries.append(json.dumps(entry))
+        entries = _batch_entries(batch["path"], self.fatal, lambda src: protect_one(self.protector, src, self.job))
         n = len(entries)
         return {"index": list(batch["index"]), "entry": entries, "params": [self.params] * n,
                 "fatal": [self.fatal] * n}
@@ -344,17 +350,8 @@ class _TemplateWorker:
             self.fatal = str(e)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        entries = []
-        for src in batch["path"]:
-            if self.fatal:
-                entries.append("{}")
-                continue
-            try:
-                entry = protect_shard(self.protect, Path(str(src)), self.out, **self.options)
-            except Exception as e:  # noqa: BLE001 - one bad shard must not stop the store
-                log.exception("%s: unexpected error", src)
-                entry = {"input": str(src), "status": "failed", "message": f"{src}: {type(e).__name__}: {e}"}
-            entries.append(json.dumps(entry))
+        entries = _batch_entries(batch["path"], self.fatal,
+                                 lambda src: protect_shard(self.protect, src, self.out, **self.options))
         return {"index": list(batch["index"]), "entry": entries, "fatal": [self.fatal] * len(entries)}
 
 
