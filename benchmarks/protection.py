@@ -8,6 +8,8 @@ Rows:
   wdp          WDP on the lite SD model       } only once the lite models ship
   fluxguard    Flux-Guard on the lite FLUX model } (fluxguard/weights/lite)
   fluxguard-low  Flux-Guard, strength "low" (5 Adam iterations per attacked step, w_max 0.5): higher quality
+  fluxguard-matched  Flux-Guard "low" with w_max lowered until the face SSIM is >= --ssim, chosen on the same
+               calib-split photos the same way as pgd-matched: both methods at the same quality
 
 One table: black-box PSR (per judge at FAR 1e-2 and the mean at 1e-1 / 1e-2 / 1e-3) for dodging and
 impersonation, image quality (face and photo SSIM / PSNR) and seconds per protected face; written as JSON + Markdown
@@ -36,6 +38,11 @@ sys.path.insert(0, str(ROOT / "src"))
 
 FARS = ("1e-1", "1e-2", "1e-3")
 EPS_GRID = tuple(range(8, 0, -1))  # eps candidates in 1/255 units for the matched-quality row
+# candidates (strongest first) of the parameter that a matched-quality row lowers until the face SSIM target holds
+MATCH_GRIDS: dict[str, dict[str, Any]] = {
+    "pgd": {"param": "eps", "grid": tuple(k / 255 for k in EPS_GRID)},
+    "fluxguard": {"param": "w_max", "grid": (0.5, 0.35, 0.25, 0.18, 0.12, 0.08, 0.05)},
+}
 
 
 def lite_available() -> bool:
@@ -52,6 +59,8 @@ def rows_spec(extra: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "wdp": {"method": "wdp", "params": {}, "needs_lite": True},
         "fluxguard": {"method": "fluxguard", "params": {}, "needs_lite": True},
         "fluxguard-low": {"method": "fluxguard", "params": {"strength": "low"}, "needs_lite": True},
+        "fluxguard-matched": {"method": "fluxguard", "params": {"strength": "low"}, "matched": True,
+                              "needs_lite": True},
     }
 
 
@@ -78,46 +87,55 @@ def calib_faces(data: Path, n: int) -> list[tuple[Path, Any]]:
     return out
 
 
-def matched_eps(data: Path, work: Path, params: dict[str, Any], target: float, n: int) -> dict[str, Any]:
-    """Largest eps (k/255) whose dodging PGD (whole zoo) keeps the mean face SSIM >= ``target`` on ``n`` calib
-    photos; bisection over :data:`EPS_GRID` (SSIM falls as eps grows). Cached in ``work``."""
+def matched_param(method: str, data: Path, work: Path, params: dict[str, Any], target: float,
+                  n: int) -> dict[str, Any]:
+    """The strongest value of the method's :data:`MATCH_GRIDS` parameter (PGD: eps; Flux-Guard: w_max) whose
+    dodging protection (whole zoo) keeps the mean face SSIM >= ``target`` on ``n`` calib photos; bisection over the
+    grid (SSIM falls as the value grows). Cached in ``work``."""
     from fluxguard.api import Protector
     from fluxguard.eval.quality import quality_report
     from fluxguard.io import load_image
 
-    key = hashlib.sha1(json.dumps([params, target, n], sort_keys=True).encode()).hexdigest()[:10]
-    cache = work / f"matched_eps_{key}.json"
+    name, grid = MATCH_GRIDS[method]["param"], MATCH_GRIDS[method]["grid"]
+    ident = [params, target, n] if method == "pgd" else [method, name, list(grid), params, target, n]
+    key = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
+    cache = work / f"matched_{'eps' if method == 'pgd' else method}_{key}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
     faces = calib_faces(data, n)
-    trials: dict[int, float] = {}
+    trials: dict[int, float] = {}  # grid index -> mean face SSIM
 
-    def ssim_at(k: int) -> float:
-        if k not in trials:
-            prot = Protector("pgd", mode="dodge", judges=[], **{**params, "eps": k / 255})
+    def ssim_at(i: int) -> float:
+        if i not in trials:
+            prot = Protector(method, mode="dodge", judges=[], **{**params, name: grid[i]})
             vals = []
             for path, face in faces:
                 img = load_image(path)
                 res = prot.protect(img, faces=[face], seed=0)
                 vals.append(quality_report(img.rgb, res.image, box=face.box)["face_ssim"])
-            trials[k] = float(sum(vals) / len(vals))
-            print(f"  eps {k}/255: face SSIM {trials[k]:.4f}", flush=True)
-        return trials[k]
+            trials[i] = float(sum(vals) / len(vals))
+            print(f"  {name} {_grid_label(method, grid[i])}: face SSIM {trials[i]:.4f}", flush=True)
+        return trials[i]
 
-    lo, hi = 0, len(EPS_GRID) - 1  # EPS_GRID descending: find the first (largest) eps that passes
+    lo, hi = 0, len(grid) - 1  # grid descending: find the first (strongest) value that passes
     while lo < hi:
         mid = (lo + hi) // 2
-        if ssim_at(EPS_GRID[mid]) >= target:
+        if ssim_at(mid) >= target:
             hi = mid
         else:
             lo = mid + 1
-    k = EPS_GRID[lo]
-    out = {"eps": k / 255, "eps_255": k, "face_ssim_calib": ssim_at(k), "target_ssim": target,
-           "calib_photos": [str(p.relative_to(data)) for p, _ in faces],
-           "trials": {f"{kk}/255": v for kk, v in sorted(trials.items())}}
+    out = {"param": name, "value": grid[lo], "label": _grid_label(method, grid[lo]), "face_ssim_calib": ssim_at(lo),
+           "target_ssim": target, "calib_photos": [str(p.relative_to(data)) for p, _ in faces],
+           "trials": {_grid_label(method, grid[i]): v for i, v in sorted(trials.items())}}
+    if method == "pgd":  # the keys earlier reports used
+        out.update(eps=grid[lo], eps_255=round(grid[lo] * 255))
     work.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(out, indent=1))
     return out
+
+
+def _grid_label(method: str, value: float) -> str:
+    return f"{round(value * 255)}/255" if method == "pgd" else f"{value:g}"
 
 
 def summary_row(name: str, res: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -167,7 +185,7 @@ def markdown(report: dict[str, Any]) -> str:
     for r in rows:
         for mode, m in r["modes"].items():
             q = m["quality"]
-            label = r["row"] + (f" (eps {r['matched']['eps_255']}/255)" if r.get("matched") else "")
+            label = r["row"] + (f" ({_matched(r['matched'])})" if r.get("matched") else "")
             lines.append("| " + " | ".join([
                 label, mode, *[_pct(m["judges"].get(j, {}).get("psr", {}).get("1e-2")) for j in judges],
                 *[f"{_pct(m['mean'].get(f))} ({_pct(m['clean_mean'].get(f))})" for f in FARS],
@@ -235,12 +253,18 @@ def markdown(report: dict[str, Any]) -> str:
     skipped = [r for r in report["rows"] if "modes" not in r]
     if skipped:
         out += [f"- {r['row']}: {r['status']}" for r in skipped] + [""]
-    matched = next((r.get("matched") for r in rows if r.get("matched")), None)
-    if matched:
-        out += [f"pgd-matched: eps {matched['eps_255']}/255 is the largest with mean face SSIM >= "
-                f"{matched['target_ssim']} on {len(matched['calib_photos'])} calib-split photos (whole zoo, dodging):"
-                f" {', '.join(f'{k}: {v:.3f}' for k, v in matched['trials'].items())}.", ""]
+    for r in rows:
+        if r.get("matched"):
+            m = r["matched"]
+            out += [f"{r['row']}: {_matched(m)} is the strongest with mean face SSIM >= {m['target_ssim']} on "
+                    f"{len(m['calib_photos'])} calib-split photos (whole zoo, dodging): "
+                    f"{', '.join(f'{k}: {v:.3f}' for k, v in m['trials'].items())}.", ""]
     return "\n".join(out)
+
+
+def _matched(m: dict[str, Any]) -> str:
+    """'eps 6/255' / 'w_max 0.25' (reports written before the generalisation have eps keys only)."""
+    return f"{m.get('param', 'eps')} {m.get('label', str(m.get('eps_255')) + '/255')}"
 
 
 def main() -> None:
@@ -252,8 +276,8 @@ def main() -> None:
                                                                     "/work/cache/fluxguard-eval")),
                     help="per-row evaluation folders (protected photos: never inside the repository)")
     ap.add_argument("--param", action="append", default=[], help="k=v for every PGD row (e.g. steps=20)")
-    ap.add_argument("--ssim", type=float, default=0.92, help="face SSIM the matched-quality PGD must keep")
-    ap.add_argument("--calib-photos", type=int, default=4, help="calib photos used to choose the matched eps")
+    ap.add_argument("--ssim", type=float, default=0.92, help="face SSIM the matched-quality rows must keep")
+    ap.add_argument("--calib-photos", type=int, default=4, help="calib photos used to choose the matched strength")
     ap.add_argument("--no-robustness", dest="robustness", action="store_false",
                     help="skip re-scoring after the robustness transforms (on by default: every row's results.json "
                     "is then complete, and a row can share its folder with a full `fluxguard evaluate` run)")
@@ -302,9 +326,10 @@ def main() -> None:
         params = dict(spec["params"])
         info: dict[str, Any] = {"command": report["command"]}
         if spec.get("matched"):
-            print(f"[{name}] choosing eps for face SSIM >= {args.ssim}", flush=True)
-            info["matched"] = matched_eps(data, args.work, params, args.ssim, args.calib_photos)
-            params["eps"] = info["matched"]["eps"]
+            param = MATCH_GRIDS[spec["method"]]["param"]
+            print(f"[{name}] choosing {param} for face SSIM >= {args.ssim}", flush=True)
+            info["matched"] = matched_param(spec["method"], data, args.work, params, args.ssim, args.calib_photos)
+            params[param] = info["matched"]["value"] if "value" in info["matched"] else info["matched"]["eps"]
         # rows that share settings share a folder (e.g. pgd here and a plain `fluxguard evaluate` run): protected
         # photos and embeddings are reused, a smaller --limit takes the first identities of the same order
         tag = hashlib.sha1(json.dumps([spec["method"], params], sort_keys=True).encode()).hexdigest()[:8]
