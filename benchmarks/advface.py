@@ -4,8 +4,9 @@ templates, measured by :func:`fluxguard.features.evaluate.run_evaluation` on the
     python benchmarks/advface.py [--data DIR] [--models mobileface] [--min-cosine 0.9] [--steps 20]
                                  [--detections DIR] [--html-dir DIR] [--limit N]
 
-Needs the evaluation attacker of each model (``scripts/train_advface.py train/export --role attacker``, written to
-``<cache>/advface/attackers``). Writes ``benchmarks/results/advface.json`` and ``.md``; the HTML page with the
+Uses the shipped shadow decoder of each model and its evaluation attacker from ``<cache>/advface/attackers``
+(``--train-attackers`` trains missing ones first, :func:`fluxguard.features.training.train_attacker`). Writes
+``benchmarks/results/advface.json`` and ``.md``; the HTML page with the
 reconstructions (pictures derived from real people's photos) goes to ``--html-dir`` only, never into the repository.
 """
 
@@ -50,11 +51,13 @@ def main() -> None:
     p.add_argument("--models", default="mobileface")
     p.add_argument("--variants", default="A,B")
     p.add_argument("--min-cosine", type=float, default=None)
+    p.add_argument("--budget", type=float, default=None, help="fraction of each model's decision angle")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--detections", type=Path, default=None)
     p.add_argument("--html-dir", type=Path, default=None)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--train-attackers", action="store_true", help="train missing evaluation attackers first")
     p.add_argument("--name", default="advface", help="results file stem")
     p.add_argument("--render", action="store_true", help="only rewrite the Markdown from the existing JSON")
     args = p.parse_args()
@@ -68,6 +71,8 @@ def main() -> None:
     kw: dict = {}
     if args.min_cosine is not None:
         kw["min_cosine"] = args.min_cosine
+    if args.budget is not None:
+        kw["budget"] = args.budget
     if args.steps is not None:
         kw["steps"] = args.steps
     configs = {v: AdvFaceConfig(variant=v, **kw) for v in args.variants.upper().split(",")}
@@ -75,7 +80,8 @@ def main() -> None:
     command = "python benchmarks/advface.py " + " ".join(sys.argv[1:])
     t0 = time.perf_counter()
     res = run_evaluation(data, models, configs, limit=args.limit, detections=args.detections, out=args.html_dir,
-                         command=command, progress=lambda s: print(s, flush=True))
+                         command=command, train_attackers=args.train_attackers,
+                         progress=lambda s: print(s, flush=True))
     res["wall_seconds"] = round(time.perf_counter() - t0, 1)
     res["machine"] = {"cpu": platform.processor() or platform.machine(), "torch_threads": args.threads,
                       "torch": torch.__version__}
@@ -108,7 +114,8 @@ def render(name: str) -> None:
             if "protection" not in s:
                 continue
             c, pr = s["protection"]["config"], s["protection"]
-            lines.append(f"  - variant {v}: min_cosine {c['min_cosine']}, {c['steps']} steps"
+            budget = f" (budget {c['budget']} of the decision angle)" if "budget" in c else ""
+            lines.append(f"  - variant {v}: min_cosine {c['min_cosine']}{budget}, {c['steps']} steps"
                          + (f", epsilon {c['epsilon'] * 255:.0f}/255" if v == "A" else "")
                          + f"; {pr['seconds_per_template']:.3f} s/template (wall), "
                            f"{pr['projected_fraction']:.0%} projected onto the cosine floor")

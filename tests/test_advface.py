@@ -65,6 +65,24 @@ def test_config_rejects_bad_budgets() -> None:
         AdvFaceConfig(epsilon=2.0)
     with pytest.raises(ConfigError):
         AdvFaceConfig(steps=-1)
+    with pytest.raises(ConfigError):
+        AdvFaceConfig(budget=1.0)
+
+
+def test_budget_is_relative_to_the_decision_angle() -> None:
+    """Default budget: the same fraction of each model's decision angle, so a narrow score scale gets a small turn."""
+    cfg = AdvFaceConfig(budget=0.5)
+    assert cfg.min_cosine is None
+    with pytest.raises(ConfigError, match="not set"):
+        _ = cfg.max_angle
+    assert cfg.for_threshold(0.0).min_cosine == pytest.approx(math.cos(math.pi / 4), abs=1e-4)
+    assert cfg.for_threshold(0.0).max_angle == pytest.approx(0.5 * math.acos(0.0), abs=1e-3)
+    # a model that accepts at 0.91 (dlib-resnet) gets a far tighter floor than one that accepts at 0.34 (mobileface)
+    wide, narrow = AdvFaceConfig().for_threshold(0.34), AdvFaceConfig().for_threshold(0.91)
+    assert narrow.min_cosine > 0.98 > 0.92 > wide.min_cosine > 0.9
+    assert AdvFaceConfig(min_cosine=0.8).for_threshold(0.91).min_cosine == 0.8  # explicit floors win
+    with pytest.raises(ConfigError, match="threshold"):
+        AdvFaceConfig().for_threshold(None)
 
 
 # --- decoders ---------------------------------------------------------------------------------------------------
@@ -193,6 +211,8 @@ def test_wrong_model_or_weights_is_an_error(trained_pair: dict, tmp_path: Path) 
     with pytest.raises(FluxguardError, match="shadow decoder is needed"):
         AdvFace(trained_pair["fr"], shadow=attacker_file)
     adv = AdvFace(trained_pair["fr"], AdvFaceConfig(steps=1), shadow=trained_pair["shadow"])
+    # the tiny model's FAR 1e-2 threshold (0.6) scales the default budget
+    assert adv.config.min_cosine == pytest.approx(math.cos(0.35 * math.acos(0.6)), abs=1e-4)
     with pytest.raises(FluxguardError, match="templates are"):
         adv.protect(np.ones((2, 31), np.float32))
     ts = TemplateSet(embeddings=trained_pair["z"][:2].numpy(), model="mobileface", model_sha256="x",
@@ -245,6 +265,76 @@ def test_shipped_shadows_match_the_zoo() -> None:
         assert net(unit(2, dim)).shape == (2, 3, 64, 64)
         total += decoder_path("shadow", name).stat().st_size
     assert total < 2.5e6 * len(names)  # small: about 1 MB each
+
+
+@pytest.fixture(scope="module")
+def small_faces(faces_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small folder laid out like ../shared/faces (MANIFEST.tsv + links to the photos): a few identities of the
+    attacker half of the training split and of the eval split."""
+    from fluxguard.data import list_photos, split_of
+    from fluxguard.features.faceset import half_of
+
+    groups: dict[str, list] = {}
+    for ph in list_photos(faces_dir):
+        if ph.identity is not None:
+            groups.setdefault(ph.identity, []).append(ph)
+    want = {"train": 24, "eval": 16}
+    chosen: list = []
+    for ident in sorted(groups):
+        split = split_of(ident)
+        if len(groups[ident]) < 2 or want.get(split, 0) <= 0 or (split == "train" and half_of(ident) != "attacker"):
+            continue
+        chosen += groups[ident]
+        want[split] -= len(groups[ident])
+    root = tmp_path_factory.mktemp("small_faces")
+    rows = ["path\tidentity\tsource_repo"]
+    for ph in chosen:
+        rel = ph.path.relative_to(faces_dir)
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).symlink_to(ph.path)
+        rows.append(f"{rel.as_posix()}\t{ph.identity}\t{ph.source}")
+    (root / "MANIFEST.tsv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_cli_evaluate_trains_its_attacker_then_reports(small_faces: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """From a clean cache: `fluxguard features evaluate --train-attackers` trains the attacker (other architecture,
+    attacker half of the training split), then measures utility and privacy and writes the report."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from fluxguard.cli import app
+    from fluxguard.features.evaluate import attackers_dir
+
+    monkeypatch.setenv("FLUXGUARD_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "report"
+    args = ["features", "evaluate", "--data", str(small_faces), "--models", "mobileface", "--steps", "3",
+            "--out", str(out), "--json"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code != 0 and "--train-attackers" in r.output  # no attacker yet: says how to get one
+    r = CliRunner().invoke(app, [*args, "--train-attackers", "--attacker-steps", "20"])
+    assert r.exit_code == 0, r.output
+    attacker, meta = load_decoder(attackers_dir() / "attacker-mobileface.safetensors")
+    assert str(tmp_path) in str(attackers_dir())
+    assert isinstance(attacker, AttackerDecoder) and meta["role"] == "attacker" and "attacker half" in meta["data"]
+    _, shadow_meta = load_decoder(decoder_path("shadow", "mobileface"))
+    assert "shadow half" in shadow_meta["data"]
+    res = json.loads((out / "advface_eval.json").read_text())
+    (m,) = res["models"]
+    rows = m["settings"]
+    assert set(rows) == {"clean", "gauss_A", "A", "gauss_B", "B"}
+    for name, row in rows.items():
+        assert 0.0 <= row["privacy"]["ssim"] <= 1.0, name
+        assert row["utility"]["genuine_pairs"] > 0
+    assert rows["clean"]["template_change"]["cosine_min"] == pytest.approx(1.0, abs=1e-4)
+    floor = AdvFace("mobileface").config.min_cosine
+    assert rows["B"]["template_change"]["cosine_min"] >= floor - 1e-3
+    page = (out / "advface_eval.html").read_text()
+    assert "attacker reconstructions" in page and page.count("data:image/png;base64,") >= 2
 
 
 @pytest.fixture(scope="module")
@@ -320,5 +410,5 @@ def test_verification_metrics_on_known_scores() -> None:
 def test_missing_attacker_says_how_to_train_one(tmp_path: Path) -> None:
     from fluxguard.features.evaluate import evaluate_model
 
-    with pytest.raises(FluxguardError, match="train_advface.py"):
+    with pytest.raises(FluxguardError, match="--train-attackers"):
         evaluate_model("mobileface", None, {}, attacker=tmp_path / "attacker-mobileface.safetensors")  # type: ignore[arg-type]

@@ -16,7 +16,7 @@ features_app = typer.Typer(
     help="Face templates for FR providers: extract them, protect them with AdvFace, evaluate the protection.\n\n"
     "Examples:\n\n"
     "  fluxguard features extract photos/ --model mobileface --out templates.npz\n\n"
-    "  fluxguard features protect templates.npz protected.npz --variant B --min-cosine 0.9\n\n"
+    "  fluxguard features protect templates.npz protected.npz --variant B --budget 0.35\n\n"
     "  fluxguard features evaluate --data ../shared/faces --out report/",
     no_args_is_help=True,
     rich_markup_mode="rich",
@@ -24,12 +24,17 @@ features_app = typer.Typer(
 app.add_typer(features_app, name="features")
 
 
-def _config(variant: str, min_cosine: float | None, epsilon: float | None, steps: int | None, seed: int):
+def _config(variant: str, min_cosine: float | None, epsilon: float | None, steps: int | None, seed: int,
+            budget: float | None = None):
     from fluxguard.features.advface import AdvFaceConfig
 
     kw: dict = {"variant": variant.upper(), "seed": seed}
+    if min_cosine is not None and budget is not None:
+        raise ConfigError("give either --min-cosine or --budget, not both")
     if min_cosine is not None:
         kw["min_cosine"] = min_cosine
+    if budget is not None:
+        kw["budget"] = budget
     if epsilon is not None:
         kw["epsilon"] = epsilon / 255.0
     if steps is not None:
@@ -74,7 +79,10 @@ def protect(
     variant: str = typer.Option("B", "--variant", help="A: image-domain noise through the shadow decoder, "
                                 "re-extracted by the FR model; B: noise on the template itself."),
     min_cosine: float = typer.Option(None, "--min-cosine", help="Budget: cosine floor between protected and clean "
-                                     "template (default 0.9)."),
+                                     "template (default: from --budget)."),
+    budget: float = typer.Option(None, "--budget", help="Budget relative to the FR model: the template may turn by "
+                                 "this fraction of the model's decision angle arccos(threshold at FAR 1e-2) "
+                                 "(default 0.35: cosine 0.91 for mobileface, 0.99 for dlib-resnet)."),
     epsilon: float = typer.Option(None, "--epsilon", help="Variant A budget: L-inf image noise in 1/255 (default 8)."),
     steps: int = typer.Option(None, "--steps", help="PGD iterations (default 20)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random start."),
@@ -102,8 +110,8 @@ def protect(
     if variant.upper() not in ("A", "B"):
         raise ConfigError(f"--variant must be A or B, got {variant!r}")
     if src.is_dir() or src.suffix in (".npy", ".safetensors") or ray is not None:
-        _protect_store(src, dst, _config(variant, min_cosine, epsilon, steps, seed), shadow, model, overwrite, ray,
-                       ray_workers, seed)
+        config = _config(variant, min_cosine, epsilon, steps, seed, budget)
+        _protect_store(src, dst, config, shadow, model, overwrite, ray, ray_workers, seed)
         return
     ts = TemplateSet.load(src)
     if model is not None and model != ts.model:
@@ -111,7 +119,7 @@ def protect(
                              "models cannot be mixed", path=src)
     if dst.exists() and not overwrite:
         raise FluxguardError("output exists; pass --overwrite to replace it", path=dst)
-    adv = AdvFace(ts.model, _config(variant, min_cosine, epsilon, steps, seed), shadow=shadow)
+    adv = AdvFace(ts.model, _config(variant, min_cosine, epsilon, steps, seed, budget), shadow=shadow)
     adv.check_templates(ts)
     res = adv.run(ts.embeddings)
     ts.with_protection(res.templates, adv.describe()).save(dst, overwrite=overwrite)
@@ -164,12 +172,18 @@ def evaluate(
     fr_models: str = typer.Option(None, "--models", help="Comma-separated FR models (default: those with a shipped "
                                   "shadow decoder)."),
     variants: str = typer.Option("A,B", "--variants", help="Comma-separated AdvFace variants."),
-    min_cosine: float = typer.Option(None, "--min-cosine", help="Cosine floor (both variants)."),
+    min_cosine: float = typer.Option(None, "--min-cosine", help="Cosine floor (both variants; default: from "
+                                     "--budget)."),
+    budget: float = typer.Option(None, "--budget", help="Template turn as a fraction of each model's decision "
+                                 "angle (default 0.35)."),
     epsilon: float = typer.Option(None, "--epsilon", help="Variant A L-inf image budget in 1/255."),
     steps: int = typer.Option(None, "--steps", help="PGD iterations."),
     limit: int = typer.Option(None, "--limit", help="Use about this many faces (whole identities)."),
     attackers: Path = typer.Option(None, "--attackers", help="Folder of attacker-<model>.safetensors (default: "
                                    "<cache>/advface/attackers)."),
+    train_attackers: bool = typer.Option(False, "--train-attackers", help="First train the missing attackers on "
+                                         "DATA's training split (5-15 min per model on one CPU core)."),
+    attacker_steps: int = typer.Option(300, "--attacker-steps", min=1, help="Training steps of each attacker."),
     thresholds: Path = typer.Option(None, "--thresholds", help="thresholds.json to use instead of the installed "
                                     "calibration."),
     detections: Path = typer.Option(None, "--detections", help="Detection cache folder."),
@@ -183,13 +197,14 @@ def evaluate(
     from fluxguard.features.evaluate import markdown_table, run_evaluation
 
     models = split_names(fr_models) or shadow_models()
-    configs = {v.upper(): _config(v, min_cosine, epsilon, steps, seed) for v in (split_names(variants) or [])}
+    configs = {v.upper(): _config(v, min_cosine, epsilon, steps, seed, budget) for v in (split_names(variants) or [])}
     if not data.is_dir():
         raise FluxguardError("data folder not found", path=data)
     table = json.loads(thresholds.read_text()) if thresholds is not None else None
     results = run_evaluation(data, models, configs, attackers=attackers, thresholds=table, limit=limit,
                              detections=detections, out=out, command="fluxguard " + " ".join(sys.argv[1:]),
-                             seed=seed, progress=lambda s: console.print(s))
+                             seed=seed, train_attackers=train_attackers, attacker_steps=attacker_steps,
+                             progress=lambda s: console.print(s))
     if as_json:
         print_json(results)
     else:

@@ -5,7 +5,8 @@
 
 Templates here are the FR models' L2-normalised embeddings (see :mod:`fluxguard.features.advface` for why).
 :mod:`~fluxguard.features.templates` reads and writes template files; :mod:`~fluxguard.features.evaluate` measures
-utility and privacy; ``scripts/train_advface.py`` trains the shadow decoders shipped in ``fluxguard/weights/advface``.
+utility and privacy; :mod:`~fluxguard.features.training` (``scripts/train_advface.py``) trains the shadow decoders
+shipped in ``fluxguard/weights/advface`` and the evaluation attackers.
 """
 
 from __future__ import annotations

@@ -2,8 +2,12 @@
 
 A plug-in for FR providers: ``AdvFace("mobileface").protect(templates)`` maps clean templates to protected ones
 that still verify against clean probes (cosine to the clean template at least ``min_cosine``) but invert badly. The
-FR model is used as is. **This is a reconstruction**: AdvFace (Wang et al., CVPR 2023) published no code; see
-``methods.md`` section 4.
+FR model is used as is. By default the budget is relative to the FR model: the template may turn by ``budget`` (0.35)
+of the model's decision angle ``arccos(t)`` (``t``: its calibrated FAR 1e-2 threshold), because the models' score
+scales differ widely (dlib-resnet accepts at cosine 0.91, mobileface at 0.34): one fixed cosine floor that leaves
+mobileface's verification intact breaks dlib-resnet's at its own threshold.
+
+**This is a reconstruction**: AdvFace (Wang et al., CVPR 2023) published no code; see ``methods.md`` section 4.
 
 Our FR models expose only their final L2-normalised embedding, so the "template" here is that embedding. The paper
 splits the FR network at an intermediate layer and protects feature maps; that split point is not available for the
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,7 +56,11 @@ class AdvFaceConfig:
         variant: ``"A"`` (image-domain noise through the shadow decoder, template re-extracted by the FR model) or
             ``"B"`` (noise on the template itself).
         min_cosine: floor on the cosine between a protected template and its clean template (both variants). It
-            bounds the template change: ``||z' - z|| <= sqrt(2 - 2 min_cosine)``.
+            bounds the template change: ``||z' - z|| <= sqrt(2 - 2 min_cosine)``. ``None`` (default): derived from
+            ``budget`` and the FR model's threshold by :meth:`for_threshold` (AdvFace does this).
+        budget: the largest template turn as a fraction of the FR model's decision angle ``arccos(t)`` at its
+            calibrated FAR 1e-2 threshold ``t``; used when ``min_cosine`` is None (0.35: cosine 0.91 for mobileface,
+            0.99 for dlib-resnet).
         steps: PGD iterations.
         epsilon: variant A: L-inf budget of the image noise, in [0, 1] pixel units.
         step_size: variant A: L-inf step (default ``epsilon / 4``); variant B: geodesic step in radians (default
@@ -63,7 +71,8 @@ class AdvFaceConfig:
     """
 
     variant: str = "B"
-    min_cosine: float = 0.9
+    min_cosine: float | None = None
+    budget: float = 0.35
     steps: int = 20
     epsilon: float = 8 / 255
     step_size: float | None = None
@@ -74,8 +83,10 @@ class AdvFaceConfig:
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ConfigError(f"AdvFace variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
-        if not -1.0 < self.min_cosine < 1.0:
+        if self.min_cosine is not None and not -1.0 < self.min_cosine < 1.0:
             raise ConfigError(f"min_cosine must lie in (-1, 1), got {self.min_cosine}")
+        if not 0.0 < self.budget < 1.0:
+            raise ConfigError(f"budget must lie in (0, 1) (a fraction of the decision angle), got {self.budget}")
         if self.steps < 0:
             raise ConfigError(f"steps must be >= 0, got {self.steps}")
         if not 0.0 <= self.epsilon <= 1.0:
@@ -85,8 +96,19 @@ class AdvFaceConfig:
         if self.batch < 1:
             raise ConfigError(f"batch must be >= 1, got {self.batch}")
 
+    def for_threshold(self, threshold: float | None) -> AdvFaceConfig:
+        """This config with ``min_cosine`` set (from ``budget`` and the model's FAR 1e-2 threshold when unset)."""
+        if self.min_cosine is not None:
+            return self
+        if threshold is None or not -1.0 < threshold < 1.0:
+            raise ConfigError("the FR model has no calibrated FAR 1e-2 threshold to scale the budget by; set "
+                              "min_cosine")
+        return replace(self, min_cosine=round(math.cos(self.budget * math.acos(threshold)), 4))
+
     @property
     def max_angle(self) -> float:
+        if self.min_cosine is None:
+            raise ConfigError("min_cosine is not set yet (AdvFaceConfig.for_threshold sets it from the FR model)")
         return math.acos(self.min_cosine)
 
     def to_dict(self) -> dict:
@@ -156,10 +178,11 @@ class AdvFace:
         from fluxguard.features.decoders import decoder_path, fr_weights_sha256, load_decoder
         from fluxguard.recognition import FR_MODELS
 
-        self.config = config or AdvFaceConfig()
         self._recognizer = None if isinstance(model, str) else model
         self.model_name = model if isinstance(model, str) else model.spec.name
         self.model_cls = FR_MODELS[model] if isinstance(model, str) else type(model)
+        threshold = self.model_cls.calibrated_spec().thresholds.get("1e-2")
+        self.config = (config or AdvFaceConfig()).for_threshold(threshold)
         path = Path(shadow) if shadow is not None else decoder_path("shadow", self.model_name)
         if shadow is None and not path.is_file():
             raise FluxguardError(f"no shipped AdvFace shadow decoder for FR model {self.model_name!r} (train one with "

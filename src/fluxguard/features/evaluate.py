@@ -44,7 +44,9 @@ def judge_for(model: str) -> str:
 
 
 def attackers_dir() -> Path:
-    """Default folder of the evaluation attackers (``scripts/train_advface.py export --role attacker``)."""
+    """Folder of the evaluation attackers, in the user cache: trained where the evaluation runs
+    (:func:`fluxguard.features.training.train_attacker`, ``fluxguard features evaluate --train-attackers``), as an
+    attacker trains its own inverter; they are not shipped (about 2.6 MB each, beyond the repository's budget)."""
     from fluxguard.recognition.sources import cache_dir
 
     return cache_dir() / "advface" / "attackers"
@@ -75,34 +77,38 @@ class EvalFaces:
 
 
 def load_eval_faces(data: str | Path, detections: Path | None = None, limit: int | None = None) -> EvalFaces:
-    """Detect and crop the faces of the ``eval`` split of ``data`` (detections cached on disk)."""
+    """Detect and crop the faces of the ``eval`` split of ``data`` (detections cached on disk); with ``limit``, about
+    that many faces of whole identities (chosen before detection, so a small run stays fast)."""
     from fluxguard.faces.detect import load_rgb
     from fluxguard.features.faceset import collect, detector_landmarks, portrait_crop
 
-    items = collect(data, "eval", detector_landmarks(detections), portraits=False)
+    keep = _identity_subset(data, limit) if limit is not None else None
+    items = collect(data, "eval", detector_landmarks(detections), portraits=False, identities=keep)
     if not items:
         raise FluxguardError("no faces of the eval split found", path=data)
-    if limit is not None and limit < len(items):
-        items = _identity_subset(items, limit)
     crops, lms = zip(*(portrait_crop(load_rgb(it.path), it.landmarks) for it in items), strict=True)
     return EvalFaces(np.stack(crops), np.stack(lms), np.array([it.group for it in items]),
                      np.array([it.source for it in items]), np.array([it.key for it in items]))
 
 
-def _identity_subset(items: Sequence, limit: int) -> list:
-    """About ``limit`` faces, taking whole identities (sorted by a hash, so the subset is stable)."""
+def _identity_subset(data: str | Path, limit: int) -> set[str]:
+    """Eval-split identities with about ``limit`` photos in all, in the order of a hash (a stable subset)."""
     import hashlib
 
-    groups: dict[str, list] = {}
-    for it in items:
-        groups.setdefault(it.group, []).append(it)
-    order = sorted(groups, key=lambda g: hashlib.sha1(g.encode()).hexdigest())
-    out: list = []
-    for g in order:
-        if len(out) >= limit:
+    from fluxguard.data import list_photos, split_of
+
+    counts: dict[str, int] = {}
+    for ph in list_photos(Path(data)):
+        if ph.identity is not None and split_of(ph.identity) == "eval":
+            counts[ph.identity] = counts.get(ph.identity, 0) + 1
+    keep: set[str] = set()
+    total = 0
+    for g in sorted(counts, key=lambda g: hashlib.sha1(g.encode()).hexdigest()):
+        if total >= limit:
             break
-        out += groups[g]
-    return out
+        keep.add(g)
+        total += counts[g]
+    return keep
 
 
 # --- metrics ----------------------------------------------------------------------------------------------------
@@ -190,10 +196,9 @@ def threshold_of(model: str, thresholds: dict | None, far: str = "1e-2") -> floa
 def require_attacker(model: str, path: Path) -> None:
     """Raise, saying how to make one, unless the evaluation attacker of ``model`` exists at ``path``."""
     if not Path(path).is_file():
-        raise FluxguardError(f"no evaluation attacker for {model!r} (attackers are not shipped): train one with "
-                             f"`python scripts/train_advface.py prepare`, `embed --models {model}`, `train --role "
-                             f"attacker --model {model}` and `export --role attacker --model {model}` (about 10 min "
-                             "on one CPU core), or pass --attackers", path=path)
+        raise FluxguardError(f"no evaluation attacker for {model!r}: pass --train-attackers to train one on the "
+                             "data folder's training split first (5-15 min per model on one CPU core; "
+                             "`train_attacker` in Python), or --attackers DIR", path=path)
 
 
 def evaluate_model(model: str, faces: EvalFaces, configs: dict, *, attacker: Path, thresholds: dict | None = None,
@@ -232,11 +237,12 @@ def evaluate_model(model: str, faces: EvalFaces, configs: dict, *, attacker: Pat
     g = torch.Generator().manual_seed(seed)
     for v, cfg in configs.items():
         t0 = time.perf_counter()
-        res = AdvFace(fr, cfg).run(z)
+        adv = AdvFace(fr, cfg)  # resolves the budget against the model's threshold
+        res = adv.run(z)
         templates[v] = res.templates
         templates[f"gauss_{v}"] = gaussian_like(z, res.templates, g)
         info[v] = {"seconds_per_template": (time.perf_counter() - t0) / max(1, len(z)),
-                   "projected_fraction": float(res.projected.mean()), "config": cfg.to_dict()}
+                   "projected_fraction": float(res.projected.mean()), "config": adv.config.to_dict()}
         say(f"{model}: variant {v} done ({time.perf_counter() - t0:.0f} s)")
 
     out: dict = {"model": model, "judge": judge, "judge_threshold": jthr, "faces": len(z),
@@ -335,12 +341,23 @@ def _md_to_html(md: str) -> str:
 def run_evaluation(data: str | Path, models: Sequence[str], configs: dict, *, attackers: Path | None = None,
                    thresholds: dict | None = None, limit: int | None = None, detections: Path | None = None,
                    out: Path | None = None, command: str = "", seed: int = 0, pictures: int = 12,
+                   train_attackers: bool = False, attacker_steps: int = 300,
                    progress: Callable[[str], None] | None = None) -> dict:
-    """Evaluate every model of ``models`` under every setting; write JSON, Markdown and HTML into ``out``."""
+    """Evaluate every model of ``models`` under every setting; write JSON, Markdown and HTML into ``out``.
+
+    ``train_attackers``: first train the missing evaluation attackers on the training split of ``data``."""
     say = progress or (lambda s: log.info(s))
     root = attackers or attackers_dir()
     for m in models:  # before the slow part
-        require_attacker(m, root / f"attacker-{m}.safetensors")
+        path = root / f"attacker-{m}.safetensors"
+        if train_attackers and not path.is_file():
+            from fluxguard.features.training import train_attacker
+
+            say(f"{m}: training the evaluation attacker on the training split of {data} ({attacker_steps} steps)")
+            t0 = time.perf_counter()
+            train_attacker(m, data, steps=attacker_steps, detections=detections, out=path)
+            say(f"{m}: attacker trained ({time.perf_counter() - t0:.0f} s) -> {path}")
+        require_attacker(m, path)
     t0 = time.perf_counter()
     faces = load_eval_faces(data, detections, limit)
     say(f"eval split: {len(faces.keys)} faces of {len(set(faces.identities))} identities "

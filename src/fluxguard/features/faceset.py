@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +68,7 @@ def detector_landmarks(cache_dir: Path | None = None) -> LandmarkSource:
 
 
 def collect(root: str | Path, split: str, landmarks: LandmarkSource, *,
-            portraits: bool | None = None) -> list[FaceItem]:
+            portraits: bool | None = None, identities: Collection[str] | None = None) -> list[FaceItem]:
     """Faces of the photos of ``split`` identities (photos where no face is found are dropped).
 
     Args:
@@ -76,6 +76,7 @@ def collect(root: str | Path, split: str, landmarks: LandmarkSource, *,
         split: ``"calib"``, ``"eval"`` or ``"train"``.
         landmarks: the main face's landmarks of a photo file.
         portraits: include unlabeled portraits (default: only for ``train``, where :mod:`fluxguard.data` puts them).
+        identities: only these identities (the others are not even run through the detector).
     """
     root = Path(root)
     with_portraits = split == "train" if portraits is None else portraits
@@ -84,7 +85,7 @@ def collect(root: str | Path, split: str, landmarks: LandmarkSource, *,
         if ph.identity is None:
             if not with_portraits:
                 continue
-        elif split_of(ph.identity) != split:
+        elif split_of(ph.identity) != split or (identities is not None and ph.identity not in identities):
             continue
         lm = landmarks(ph.path)
         if lm is None:
@@ -130,7 +131,7 @@ def embed(model: torch.nn.Module, crops: np.ndarray | torch.Tensor, landmarks: n
     for i in range(0, len(crops), batch):
         x = crops[i:i + batch]
         x = to_tensor(x) if isinstance(x, np.ndarray) else x
-        out.append(model(x, torch.as_tensor(np.asarray(landmarks[i:i + batch]))).float().numpy())
+        out.append(model(x, torch.tensor(np.asarray(landmarks[i:i + batch]))).float().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
