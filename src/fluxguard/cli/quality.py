@@ -71,7 +71,7 @@ def quality(
             raise ConfigError(f"sizes differ: {ia.shape[:2]} vs {ib.shape[:2]}", path=b)
         row = {"original": str(a), "protected": str(b), **quality_report(ia, ib)}
         if lp is not None:
-            ta, tb = (torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)[None].float() / 255 for x in (ia, ib))
+            ta, tb = (torch.tensor(np.asarray(x)).permute(2, 0, 1)[None].float() / 255 for x in (ia, ib))
             with torch.no_grad():
                 row["lpips"] = float(lp(ta, tb)[0])
         rows.append(row)
