@@ -95,19 +95,16 @@ def _identity_subset(data: str | Path, limit: int) -> set[str]:
     """Eval-split identities with about ``limit`` photos in all, in the order of a hash (a stable subset)."""
     import hashlib
 
-    from fluxguard.data import list_photos, split_of
+    from fluxguard.data import identity_groups, list_photos, photos_in_split
 
-    counts: dict[str, int] = {}
-    for ph in list_photos(Path(data)):
-        if ph.identity is not None and split_of(ph.identity) == "eval":
-            counts[ph.identity] = counts.get(ph.identity, 0) + 1
+    groups = identity_groups(photos_in_split(list_photos(Path(data)), "eval"), min_photos=1)
     keep: set[str] = set()
     total = 0
-    for g in sorted(counts, key=lambda g: hashlib.sha1(g.encode()).hexdigest()):
+    for g in sorted(groups, key=lambda g: hashlib.sha1(g.encode()).hexdigest()):
         if total >= limit:
             break
         keep.add(g)
-        total += counts[g]
+        total += len(groups[g])
     return keep
 
 
