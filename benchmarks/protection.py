@@ -97,9 +97,8 @@ def matched_param(method: str, data: Path, work: Path, params: dict[str, Any], t
     from fluxguard.io import load_image
 
     name, grid = MATCH_GRIDS[method]["param"], MATCH_GRIDS[method]["grid"]
-    ident = [params, target, n] if method == "pgd" else [method, name, list(grid), params, target, n]
-    key = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
-    cache = work / f"matched_{'eps' if method == 'pgd' else method}_{key}.json"
+    key = hashlib.sha1(json.dumps([method, name, list(grid), params, target, n], sort_keys=True).encode())
+    cache = work / f"matched_{method}_{key.hexdigest()[:10]}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
     faces = calib_faces(data, n)
@@ -127,8 +126,6 @@ def matched_param(method: str, data: Path, work: Path, params: dict[str, Any], t
     out = {"param": name, "value": grid[lo], "label": _grid_label(method, grid[lo]), "face_ssim_calib": ssim_at(lo),
            "target_ssim": target, "calib_photos": [str(p.relative_to(data)) for p, _ in faces],
            "trials": {_grid_label(method, grid[i]): v for i, v in sorted(trials.items())}}
-    if method == "pgd":  # the keys earlier reports used
-        out.update(eps=grid[lo], eps_255=round(grid[lo] * 255))
     work.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(out, indent=1))
     return out
@@ -329,7 +326,7 @@ def main() -> None:
             param = MATCH_GRIDS[spec["method"]]["param"]
             print(f"[{name}] choosing {param} for face SSIM >= {args.ssim}", flush=True)
             info["matched"] = matched_param(spec["method"], data, args.work, params, args.ssim, args.calib_photos)
-            params[param] = info["matched"]["value"] if "value" in info["matched"] else info["matched"]["eps"]
+            params[param] = info["matched"]["value"]
         # rows that share settings share a folder (e.g. pgd here and a plain `fluxguard evaluate` run): protected
         # photos and embeddings are reused, a smaller --limit takes the first identities of the same order
         tag = hashlib.sha1(json.dumps([spec["method"], params], sort_keys=True).encode()).hexdigest()[:8]
