@@ -301,8 +301,8 @@ def small_faces(faces_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 @pytest.mark.slow
 def test_cli_evaluate_trains_its_attacker_then_reports(small_faces: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """From a clean cache: `fluxguard features evaluate --train-attackers` trains the attacker (other architecture,
-    attacker half of the training split), then measures utility and privacy and writes the report."""
+    """From a clean cache: `fluxguard features evaluate` trains the missing attacker (other architecture, attacker
+    half of the training split), then measures utility and privacy and writes the report."""
     import json
 
     from typer.testing import CliRunner
@@ -314,9 +314,9 @@ def test_cli_evaluate_trains_its_attacker_then_reports(small_faces: Path, tmp_pa
     out = tmp_path / "report"
     args = ["features", "evaluate", "--data", str(small_faces), "--models", "mobileface", "--steps", "3",
             "--out", str(out), "--json"]
-    r = CliRunner().invoke(app, args)
-    assert r.exit_code != 0 and "--train-attackers" in r.output  # no attacker yet: says how to get one
-    r = CliRunner().invoke(app, [*args, "--train-attackers", "--attacker-steps", "20"])
+    r = CliRunner().invoke(app, [*args, "--no-train-attackers"])
+    assert r.exit_code != 0 and "no evaluation attacker" in r.output  # no attacker yet: says how to get one
+    r = CliRunner().invoke(app, [*args, "--attacker-steps", "20"])  # trains the missing attacker by default
     assert r.exit_code == 0, r.output
     attacker, meta = load_decoder(attackers_dir() / "attacker-mobileface.safetensors")
     assert str(tmp_path) in str(attackers_dir())
@@ -410,5 +410,5 @@ def test_verification_metrics_on_known_scores() -> None:
 def test_missing_attacker_says_how_to_train_one(tmp_path: Path) -> None:
     from fluxguard.features.evaluate import evaluate_model
 
-    with pytest.raises(FluxguardError, match="--train-attackers"):
+    with pytest.raises(FluxguardError, match="--no-train-attackers"):
         evaluate_model("mobileface", None, {}, attacker=tmp_path / "attacker-mobileface.safetensors")  # type: ignore[arg-type]

@@ -181,8 +181,10 @@ def evaluate(
     limit: int = typer.Option(None, "--limit", help="Use about this many faces (whole identities)."),
     attackers: Path = typer.Option(None, "--attackers", help="Folder of attacker-<model>.safetensors (default: "
                                    "<cache>/advface/attackers)."),
-    train_attackers: bool = typer.Option(False, "--train-attackers", help="First train the missing attackers on "
-                                         "DATA's training split (5-15 min per model on one CPU core)."),
+    train_attackers: bool = typer.Option(True, "--train-attackers/--no-train-attackers", help="Train a missing "
+                                         "attacker on DATA's training split first (5-15 min per model on one CPU "
+                                         "core, kept in the cache); with --no-train-attackers a missing one is an "
+                                         "error."),
     attacker_steps: int = typer.Option(300, "--attacker-steps", min=1, help="Training steps of each attacker."),
     thresholds: Path = typer.Option(None, "--thresholds", help="thresholds.json to use instead of the installed "
                                     "calibration."),

@@ -45,7 +45,7 @@ def judge_for(model: str) -> str:
 
 def attackers_dir() -> Path:
     """Folder of the evaluation attackers, in the user cache: trained where the evaluation runs
-    (:func:`fluxguard.features.training.train_attacker`, ``fluxguard features evaluate --train-attackers``), as an
+    (:func:`fluxguard.features.training.train_attacker`, ``fluxguard features evaluate`` when one is missing), as an
     attacker trains its own inverter; they are not shipped (about 2.6 MB each, beyond the repository's budget)."""
     from fluxguard.recognition.sources import cache_dir
 
@@ -193,9 +193,9 @@ def threshold_of(model: str, thresholds: dict | None, far: str = "1e-2") -> floa
 def require_attacker(model: str, path: Path) -> None:
     """Raise, saying how to make one, unless the evaluation attacker of ``model`` exists at ``path``."""
     if not Path(path).is_file():
-        raise FluxguardError(f"no evaluation attacker for {model!r}: pass --train-attackers to train one on the "
-                             "data folder's training split first (5-15 min per model on one CPU core; "
-                             "`train_attacker` in Python), or --attackers DIR", path=path)
+        raise FluxguardError(f"no evaluation attacker for {model!r}: `fluxguard features evaluate` trains one on the "
+                             "data folder's training split unless --no-train-attackers is given (5-15 min per model "
+                             "on one CPU core; `train_attacker` in Python), or pass --attackers DIR", path=path)
 
 
 def evaluate_model(model: str, faces: EvalFaces, configs: dict, *, attacker: Path, thresholds: dict | None = None,

@@ -1,5 +1,5 @@
 """Training of the AdvFace decoders (template -> aligned face): the shipped shadow decoders and the evaluation
-attackers, which are trained where the evaluation runs (``fluxguard features evaluate --train-attackers``).
+attackers, which are trained where the evaluation runs (``fluxguard features evaluate`` when one is missing).
 
 Data: the ``train`` split of a folder laid out like ``../shared/faces`` (identities hashed by
 :func:`fluxguard.data.split_of`, plus the unlabeled portraits), cut into a *shadow* half and an *attacker* half with
