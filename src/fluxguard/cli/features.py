@@ -203,6 +203,15 @@ def evaluate(
     if not data.is_dir():
         raise FluxguardError("data folder not found", path=data)
     table = json.loads(thresholds.read_text()) if thresholds is not None else None
+    if train_attackers:  # attacker training takes minutes: show its progress lines
+        import logging
+
+        from rich.logging import RichHandler
+
+        train_log = logging.getLogger("fluxguard.features.training")
+        train_log.setLevel(logging.INFO)
+        if not any(isinstance(h, RichHandler) for h in train_log.handlers):
+            train_log.addHandler(RichHandler(console=console, show_path=False))
     results = run_evaluation(data, models, configs, attackers=attackers, thresholds=table, limit=limit,
                              detections=detections, out=out, command="fluxguard " + " ".join(sys.argv[1:]),
                              seed=seed, train_attackers=train_attackers, attacker_steps=attacker_steps,
