@@ -17,7 +17,7 @@ Steps (each writes into ``--cache``, default ``$FLUXGUARD_CACHE/advface`` or ``~
 :func:`train_attacker` runs the attacker's steps in one call. The decoders are CPU-sized (0.5 M / 1.3 M parameters,
 64 px output, a few hundred steps of batch 64): they show the effect, not the strength of a GPU-trained attacker.
 
-Training runs in the foreground; start it with ``nohup ... &`` and follow ``<cache>/runs/<role>-<model>/log.txt``.
+Training runs in the foreground and logs to stderr; for long runs use ``nohup ... > train.log 2>&1 &``.
 Checkpoints (``last.pt``, every ``--ckpt-every`` steps) let an interrupted run resume with ``--resume``.
 """
 
