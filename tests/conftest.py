@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -72,3 +74,14 @@ class TinyRecognizer(FaceRecognizer):
 @pytest.fixture
 def tiny_recognizers() -> list[FaceRecognizer]:
     return [TinyRecognizer(0), TinyRecognizer(1)]
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch threads, then restore the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

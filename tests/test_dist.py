@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import torch_threads
 from PIL import Image
 
 from fluxguard.cli.protect import BatchJob, expand_inputs
@@ -27,12 +28,8 @@ def one_torch_thread():
     """Local runs use one torch thread, as the Ray workers do (OMP_NUM_THREADS=1 below): another thread count
     changes float rounding, and these tests compare Ray's outputs with local ones byte for byte. Session-scoped so
     it is in place before the session fixtures that compute local results."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")
