@@ -169,9 +169,11 @@ class FaceResult:
     # (the original face itself when dodging, the target when impersonating), before and after protection
     similarity: dict[str, dict[str, Any]] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
+    # how visible the change is, measured on the saved 8-bit photo over this face's mask (fluxguard.eval.quality)
+    quality: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {**self.face.to_dict(), "similarity": self.similarity}
+        return {**self.face.to_dict(), "similarity": self.similarity, "quality": self.quality}
 
 
 @dataclass
@@ -291,11 +293,15 @@ class Protector:
         timings["detect"] = time.perf_counter() - t0
         if not faces:
             raise NoFaceError("no face found in the photo; nothing to protect", path=loaded.source)
-        size = self.method.crop_size
-        photo = to_tensor(loaded.rgb, self.device)
-        aligned = align_faces(photo, [f.landmarks for f in faces], size)
+        from fluxguard.faces.align import native_crop_size
 
-        target_crop = None
+        photo = to_tensor(loaded.rgb, self.device)
+        # a method without a fixed crop size (pgd) works at each face's own resolution: nothing is lost or invented
+        # by resampling between the crop and the photo
+        sizes = [self.method.crop_size or native_crop_size(f.landmarks) for f in faces]
+        aligned = [align_faces(photo, [f.landmarks], s)[0] for f, s in zip(faces, sizes, strict=True)]
+
+        target_crops: dict[int, torch.Tensor] = {}
         target_emb: dict[str, torch.Tensor] | None = None
         if self.method.mode.value == "impersonate":
             if target is None:
@@ -310,22 +316,33 @@ class Protector:
                 target_face = largest_face(tfaces)
             tface = target_face
             tphoto = to_tensor(tl.rgb, self.device)
-            target_crop = align_faces(tphoto, [tface.landmarks], size)[0].crop[None]
+            target_crops = {s: align_faces(tphoto, [tface.landmarks], s)[0].crop[None] for s in set(sizes)}
             target_emb = self._similarities(tphoto, tface.landmarks)
         elif target is not None:
             raise ConfigError("a target photo was given but the mode is dodge; use --mode impersonate")
 
+        from fluxguard.faces.mask import face_mask
+
+        masks = [face_mask(af.crop)[0] for af in aligned]
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        edited, histories = [], []
+        edited, histories, used_masks, visibility = [], [], [], []
         t1 = time.perf_counter()
         for i, af in enumerate(aligned):
             stage = f"face {i + 1}/{len(aligned)}"
             cb = None if progress is None else (lambda s, k, n, _p=stage: progress(f"{_p}: {s}", k, n))
-            res = self.method.protect_faces(af.crop[None], target=target_crop, generator=gen, progress=cb)
+            res = self.method.protect(af.crop[None], masks=masks[i][None], target=target_crops.get(af.size),
+                                      generator=gen,
+                                      progress=cb)
             edited.append(res.crops[0])
+            used_masks.append(res.masks[0] if res.masks is not None else masks[i])
             histories.append(res.history)
+            visibility.append(res.info.get("visibility", [{}])[0])
         timings["method"] = time.perf_counter() - t1
-        out = to_uint8(paste_back(photo, aligned, edited))
+        out = to_uint8(paste_back(photo, aligned, edited, used_masks))
+        from fluxguard.eval.quality import face_quality
+        from fluxguard.faces.align import photo_mask
+
+        mask_photo = photo_mask(out.shape[:2], aligned, used_masks).numpy()
 
         t2 = time.perf_counter()
         protected = to_tensor(out, self.device)
@@ -345,6 +362,9 @@ class Protector:
                     "attacked": r.name in attacked,
                 }
             results.append(FaceResult(face=face, similarity=sims, history=hist))
+        for i, r in enumerate(results):
+            single = photo_mask(out.shape[:2], [aligned[i]], [used_masks[i]]).numpy()
+            r.quality = face_quality(loaded.rgb, out, single, outside=mask_photo)
         timings["score"] = time.perf_counter() - t2
         timings["total"] = time.perf_counter() - t0
         return ProtectionResult(

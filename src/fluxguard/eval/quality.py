@@ -58,3 +58,74 @@ def quality_report(
             out.update(face_psnr=psnr(fa, fb), face_ssim=ssim(fa, fb), face_ms_ssim=ms_ssim(fa, fb))
     return out
 
+
+
+def _bbox(mask: np.ndarray, pad: int = 3) -> tuple[int, int, int, int] | None:
+    ys, xs = np.nonzero(mask > 0)
+    if ys.size == 0:
+        return None
+    h, w = mask.shape
+    return max(0, ys.min() - pad), min(h, ys.max() + 1 + pad), max(0, xs.min() - pad), min(w, xs.max() + 1 + pad)
+
+
+def face_quality(original: np.ndarray, protected: np.ndarray, mask: np.ndarray,
+                 outside: np.ndarray | None = None) -> dict[str, float | None]:
+    """How visible a protection is on one face, as people see it (all on the 8-bit photos).
+
+    Args:
+        original, protected: (H, W, 3) uint8 photos.
+        mask: (H, W) float face mask in [0, 1] (the region the protection may change), weights the face figures.
+        outside: (H, W) mask of every protected face; ``psnr_outside`` is measured where it is 0 (default ``mask``).
+
+    Returns:
+        ``delta_e_mean`` (mask-weighted mean CIEDE2000), ``delta_e_p95`` (95th percentile where the mask is >= 0.5),
+        ``dL``, ``da``, ``db`` (mask-weighted mean change of L*, a*, b*: the colour cast), ``visible`` (share of the
+        mask whose change exceeds its JND, :func:`fluxguard.losses.visibility.visible_fraction`), ``psnr_mask`` and
+        ``ssim_mask`` (SSIM map averaged under the mask), ``psnr_outside`` (inf when bit-exact) and
+        ``changed_outside`` (pixels outside any mask that differ at all).
+    """
+    import torch
+    from skimage.color import rgb2lab
+    from skimage.metrics import structural_similarity
+
+    from fluxguard.losses.visibility import delta_e_2000, visible_fraction
+
+    if original.shape != protected.shape or original.shape[:2] != mask.shape:
+        raise ValueError(f"shapes differ: {original.shape}, {protected.shape}, mask {mask.shape}")
+    out_mask = mask if outside is None else outside
+    free = out_mask <= 0
+    diff_free = np.any(original != protected, axis=2) & free
+    res: dict[str, float | None] = {
+        "psnr_outside": psnr(original[free][None], protected[free][None]) if free.any() else None,
+        "changed_outside": int(diff_free.sum()),
+    }
+    box = _bbox(mask)
+    if box is None:
+        return {**res, **dict.fromkeys(("delta_e_mean", "delta_e_p95", "dL", "da", "db", "visible", "psnr_mask",
+                                        "ssim_mask"))}
+    y0, y1, x0, x1 = box
+    a, b, w = original[y0:y1, x0:x1], protected[y0:y1, x0:x1], mask[y0:y1, x0:x1].astype(np.float64)
+    wsum = max(float(w.sum()), 1e-8)
+    de = delta_e_2000(a, b)
+    core = w >= 0.5
+    lab_diff = rgb2lab(b.astype(np.float64) / 255) - rgb2lab(a.astype(np.float64) / 255)
+    shift = [(lab_diff[..., c] * w).sum() / wsum for c in range(3)]
+    mse = float((((a.astype(np.float64) - b) ** 2).mean(2) * w).sum() / wsum)
+    if min(a.shape[:2]) >= 7:
+        _, smap = structural_similarity(a, b, channel_axis=2, data_range=255, gaussian_weights=True, sigma=1.5,
+                                        use_sample_covariance=False, full=True)
+        ssim_mask = float((smap.mean(2) * w).sum() / wsum)
+    else:
+        ssim_mask = None
+    ta = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None].float() / 255
+    tb = torch.from_numpy(np.ascontiguousarray(b)).permute(2, 0, 1)[None].float() / 255
+    tw = torch.from_numpy(w).float()[None, None]
+    res.update(
+        delta_e_mean=float((de * w).sum() / wsum),
+        delta_e_p95=float(np.percentile(de[core], 95)) if core.any() else None,
+        dL=float(shift[0]), da=float(shift[1]), db=float(shift[2]),
+        visible=float(visible_fraction(ta, tb, tw)[0]),
+        psnr_mask=float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse)),
+        ssim_mask=ssim_mask,
+    )
+    return res

@@ -120,6 +120,17 @@ def invert_affine(matrix: torch.Tensor) -> torch.Tensor:
     return torch.cat([ai, -ai @ t], dim=-1)
 
 
+def native_crop_size(landmarks: np.ndarray, lo: int = 128, hi: int = 512, multiple: int = 16,
+                     margin: float = PORTRAIT_MARGIN) -> int:
+    """The side (px) at which a portrait crop of the face at ``landmarks`` keeps the photo's own resolution,
+    rounded to ``multiple`` and clamped to [lo, hi]."""
+    ref = 256
+    m = estimate_similarity(np.asarray(landmarks, dtype=np.float64), crop_template(ref, margin))
+    scale = float(torch.sqrt(torch.abs(torch.linalg.det(m[:2, :2]))))  # photo px -> crop px at ``ref``
+    side = ref / max(scale, 1e-9)
+    return int(min(hi, max(lo, multiple * round(side / multiple))))
+
+
 @dataclass
 class AlignedFace:
     """An aligned crop and the map that made it: ``crop = warp(photo, matrix, (size, size))``."""
@@ -162,35 +173,65 @@ def feather_mask(size: int, border: float = 0.08, device: torch.device | str = "
     return (w[:, None] * w[None, :])[None, None]
 
 
-def paste_back(photo: torch.Tensor, faces: list[AlignedFace], edited: list[torch.Tensor]) -> torch.Tensor:
+def _region(face: AlignedFace, h: int, w: int) -> tuple[int, int, int, int, torch.Tensor] | None:
+    """The photo box (x0, y0, x1, y1) a crop covers and the crop -> box map, or None when it lies outside."""
+    inv = invert_affine(face.matrix)
+    corners = torch.tensor([[0, 0], [face.size - 1, 0], [0, face.size - 1], [face.size - 1, face.size - 1]],
+                           dtype=torch.float64)
+    pc = corners @ inv[:, :2].T + inv[:, 2]
+    x0, y0 = (int(max(0, np.floor(float(pc[:, i].min())) - 1)) for i in (0, 1))
+    x1 = int(min(w, np.ceil(float(pc[:, 0].max())) + 2))
+    y1 = int(min(h, np.ceil(float(pc[:, 1].max())) + 2))
+    if x1 <= x0 or y1 <= y0:
+        return None
+    m_region = inv.clone()  # crop -> region coordinates: region = photo - (x0, y0)
+    m_region[0, 2] -= x0
+    m_region[1, 2] -= y0
+    return x0, y0, x1, y1, m_region
+
+
+def paste_back(photo: torch.Tensor, faces: list[AlignedFace], edited: list[torch.Tensor],
+               masks: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Add each crop's change back into ``photo`` ((3, H, W) float [0, 1]); returns the new photo (same size).
 
     For each face, ``delta = edited - aligned`` is warped back with the inverse similarity (anti-aliased when the
-    face in the photo is smaller than the crop) and blended under a feathered mask. Pixels the masks do not reach
-    stay bit-identical, and an unchanged crop leaves the photo unchanged.
+    face in the photo is smaller than the crop). With ``masks`` ((1, S, S) face masks, the change already confined
+    to them by the method) the change is added where the warped mask is non-zero; without, it is blended under a
+    feathered square (for whole-crop changes such as purification). Pixels the masks do not reach stay
+    bit-identical, and an unchanged crop leaves the photo unchanged.
     """
     out = photo.clone()
     _, h, w = photo.shape
-    for face, new in zip(faces, edited, strict=True):
+    for i, (face, new) in enumerate(zip(faces, edited, strict=True)):
         delta = (new.to(photo) - face.crop.to(photo))[None]
-        mask = feather_mask(face.size, device=photo.device).to(photo)
-        inv = invert_affine(face.matrix)
-        # only the photo region the crop covers is touched
-        corners = torch.tensor([[0, 0], [face.size - 1, 0], [0, face.size - 1], [face.size - 1, face.size - 1]],
-                               dtype=torch.float64)
-        pc = corners @ inv[:, :2].T + inv[:, 2]
-        x0, y0 = (int(max(0, np.floor(float(pc[:, i].min())) - 1)) for i in (0, 1))
-        x1 = int(min(w, np.ceil(float(pc[:, 0].max())) + 2))
-        y1 = int(min(h, np.ceil(float(pc[:, 1].max())) + 2))
-        if x1 <= x0 or y1 <= y0:
+        if masks is None:
+            mask = feather_mask(face.size, device=photo.device).to(photo)
+        else:
+            mask = (masks[i].to(photo).reshape(1, 1, face.size, face.size) > 0).to(photo)
+            delta = delta * mask
+        region = _region(face, h, w)
+        if region is None:
             continue
-        # crop -> region coordinates: region = photo - (x0, y0)
-        m_region = inv.clone()
-        m_region[0, 2] -= x0
-        m_region[1, 2] -= y0
+        x0, y0, x1, y1, m_region = region
         both = torch.cat([delta, mask], dim=1)
         warped = warp_affine(both, m_region[None], (y1 - y0, x1 - x0), padding_mode="zeros")
         d_back, m_w = warped[:, :3], warped[:, 3:].clamp(0, 1)
-        region = out[:, y0:y1, x0:x1]
-        out[:, y0:y1, x0:x1] = torch.where(m_w[0] > 0, (region + d_back[0] * m_w[0]).clamp(0, 1), region)
+        weight = m_w[0] if masks is None else 1.0
+        patch = out[:, y0:y1, x0:x1]
+        out[:, y0:y1, x0:x1] = torch.where(m_w[0] > 0, (patch + d_back[0] * weight).clamp(0, 1), patch)
+    return out
+
+
+def photo_mask(shape: tuple[int, int], faces: list[AlignedFace], masks: list[torch.Tensor]) -> torch.Tensor:
+    """(H, W) mask in the photo: each face's crop mask warped back, the maximum where faces overlap."""
+    h, w = shape
+    out = torch.zeros(h, w, dtype=torch.float32)
+    for face, m in zip(faces, masks, strict=True):
+        region = _region(face, h, w)
+        if region is None:
+            continue
+        x0, y0, x1, y1, m_region = region
+        warped = warp_affine(m.float().reshape(1, 1, face.size, face.size), m_region[None], (y1 - y0, x1 - x0),
+                             padding_mode="zeros")[0, 0].clamp(0, 1)
+        out[y0:y1, x0:x1] = torch.maximum(out[y0:y1, x0:x1], warped.cpu())
     return out

@@ -17,6 +17,16 @@ Per aligned portrait crop (``design/methods.md`` §2.4):
    ``L = w_id L_id + 0.5 L_p`` and ``w_id = w_min + (w_max - w_min) / (1 + exp(k (L_p - tau)))`` recomputed at
    every Adam step from the perceptual distance to the clean branch.
 
+Natural by construction (our change to the authors' pipeline): the protected face is the original plus what the
+attack and the edit changed, ``x + M_edit (G(z_clean) - G(z_rec)) + shape(G(z_adv) - G(z_clean))``, where ``z_rec``
+is the same pipeline without the edit (the source prompt at the inversion guidance) and ``shape`` confines the
+adversarial change to the face mask, bounds it per pixel by the visibility budget (a multiple of each pixel's JND)
+and removes any colour cast (:func:`fluxguard.losses.visibility.shape_residual`). The Adam steps optimise exactly
+that composition, and the perceptual term of the adaptive weight is, by default, how much of the budget the change
+uses (``perceptual="jnd"``; the paper's VGG19 loss with ``vgg_weights``). What the generator cannot reconstruct
+(colour, skin detail, hair) stays the original's; with the adversarial stage and the edit off the output is the
+input, bit for bit.
+
 Quirks of the released code are flags (``FluxGuardConfig``): ``fusion_index`` ("as_released" reads inversion
 velocities in inversion order, "time_aligned" at the matching time), ``share_clean_branch`` (the released code
 computes the two bit-identical branches separately until the attack starts), ``adaptive_weight``. Differences we
@@ -31,7 +41,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -41,6 +51,7 @@ from torch.profiler import record_function
 from fluxguard.errors import ConfigError
 from fluxguard.losses.identity import IdentityLoss
 from fluxguard.losses.perceptual import adaptive_id_weight, perceptual_loss
+from fluxguard.losses.visibility import budget_usage, shape_residual
 from fluxguard.methods.base import MethodResult, Mode, ProgressFn, ProtectionMethod
 from fluxguard.recognition.base import FaceRecognizer
 
@@ -94,8 +105,13 @@ class FluxGuardConfig:
     adaptive_weight: bool = True
     fixed_id_weight: float = 1.0  # used when adaptive_weight is False
     share_clean_branch: bool = True
+    # L_p of the adaptive weight: "jnd" = share of the visibility budget the change uses (no weights needed), "vgg" =
+    # the paper's VGG19 relu3_4 MSE (needs vgg_weights), "ssim" = the multi-scale SSIM substitute; None: "vgg" when
+    # vgg_weights is given, else "jnd"
+    perceptual: str | None = None
+    jnd_midpoint: float = 0.5  # "jnd": budget usage (mean of (change / bound)^2 over the mask) where w_id halves
     vgg_weights: str | None = None  # torchvision VGG19 IMAGENET1K_V1 state dict -> the paper's L_p
-    ssim_tau: float = 0.05  # substitute: SSIM distance where w_id halves (see fluxguard.losses.perceptual)
+    ssim_tau: float = 0.05  # "ssim": SSIM distance where w_id halves (see fluxguard.losses.perceptual)
     # resources
     device: str | None = None
     offload: bool = False  # stream transformer blocks from CPU memory (GPUs with < ~40 GB)
@@ -127,13 +143,19 @@ class FluxGuardConfig:
             raise ConfigError(f"crop_size must be a multiple of 16, got {self.crop_size}")
         if self.adam_steps < 0 or self.adam_lr <= 0:
             raise ConfigError("adam_steps must be >= 0 and adam_lr > 0")
+        if self.perceptual not in (None, "jnd", "vgg", "ssim"):
+            raise ConfigError(f"perceptual must be jnd, vgg or ssim, got {self.perceptual!r}")
+        if self.perceptual == "vgg" and not self.vgg_weights:
+            raise ConfigError("perceptual='vgg' needs vgg_weights (torchvision's VGG19 IMAGENET1K_V1 state dict)")
+        if not 0 < self.jnd_midpoint <= 1:
+            raise ConfigError("jnd_midpoint must be in (0, 1]")
 
 
 # The authors' schedule on FLUX.1-dev at 512 px (design/methods.md §2.3).
 PAPER_SCHEDULE: dict[str, int] = {"crop_size": 512, "num_steps": 25, "fusion_start": 5, "fusion_end": 20,
                                   "attack_start": 20}
-# The same stages in proportion on the lite model, at its 256 px training size, with 10 steps: the lite transformer
-# is small enough that 10 RF-Solver steps reconstruct as well as 25 (benchmarks/lite.py), and a CPU needs the time.
+# The same stages in proportion on the lite model, at its 256 px training size, with 10 steps so a CPU can run it;
+# with residual composition the reconstruction error of the lite model never reaches the output.
 LITE_SCHEDULE: dict[str, int] = {"crop_size": 256, "num_steps": 10, "fusion_start": 2, "fusion_end": 8,
                                  "attack_start": 8}
 
@@ -275,22 +297,20 @@ class FluxGuard(ProtectionMethod):
     config_class = FluxGuardConfig
     # Adam iterations per attacked step and the largest identity-loss weight of the adaptive schedule (medium = the
     # authors' 10 / 1.0); the same on any model, whatever its number of steps.
+    # Each strength is a visibility budget (the same for every method); the Adam iterations per attacked step are the
+    # authors' 10.
     presets = {
-        "low": {"adam_steps": 5, "w_max": 0.5},
-        "medium": {"adam_steps": 10, "w_max": 1.0},
-        "high": {"adam_steps": 20, "w_max": 2.0},
+        "low": {"budget": "low"},
+        "medium": {"budget": "medium"},
+        "high": {"budget": "high"},
     }
 
     def __init__(self, recognizers: Sequence[FaceRecognizer], *, mode: Mode | str = Mode.DODGE,
                  config: FluxGuardConfig | None = None, backend: Any = None, perceptual: nn.Module | None = None,
                  landmarker: Any = None, **overrides: Any) -> None:
-        super().__init__(recognizers, mode=mode)
-        unknown = sorted(set(overrides) - {f.name for f in fields(FluxGuardConfig)})
-        if unknown:
-            raise ConfigError(f"fluxguard has no parameter {unknown[0]!r}; valid: "
-                              f"{', '.join(f.name for f in fields(FluxGuardConfig))}")
+        super().__init__(recognizers, mode=mode, config=config, **overrides)
         lite = None if backend is None else getattr(backend, "name", "") == "lite"
-        self.config = replace(config or FluxGuardConfig(), **overrides).resolved(lite)
+        self.config = self.config.resolved(lite)
         self.config.validate()
         self.crop_size = self.config.crop_size
         self._backend = backend
@@ -312,9 +332,19 @@ class FluxGuard(ProtectionMethod):
         return self._backend
 
     @property
-    def perceptual(self) -> nn.Module:
-        if self._perceptual is None:
-            self._perceptual = perceptual_loss(self.config.vgg_weights, self.config.ssim_tau)
+    def perceptual_kind(self) -> str:
+        """``jnd``, ``vgg`` or ``ssim`` (a ``perceptual`` module given to the constructor counts as ``vgg``-like)."""
+        c = self.config
+        if self._perceptual is not None:
+            return "module"
+        return c.perceptual or ("vgg" if c.vgg_weights else "jnd")
+
+    @property
+    def perceptual(self) -> nn.Module | None:
+        """The image-space perceptual loss ``(x, ref) -> (B,)`` for ``vgg``/``ssim``/a given module; None for ``jnd``."""
+        if self._perceptual is None and self.perceptual_kind != "jnd":
+            kind = self.perceptual_kind
+            self._perceptual = perceptual_loss(self.config.vgg_weights if kind == "vgg" else None, self.config.ssim_tau)
         return self._perceptual
 
     def resolve_prompts(self) -> tuple[str | None, str | None, str | None]:
@@ -338,10 +368,7 @@ class FluxGuard(ProtectionMethod):
         return (src, edit, edit) if edit else (src, src, None)
 
     def params(self) -> dict[str, Any]:
-        out = super().params()
-        out.update({k: v for k, v in asdict(self.config).items() if k not in ("device",)})
-        out["perceptual"] = getattr(self.perceptual, "name", type(self.perceptual).__name__)
-        return out
+        return {**super().params(), "perceptual": self.perceptual_kind}
 
     def inject_steps_for(self, area_percent: float) -> int:
         c = self.config
@@ -360,6 +387,7 @@ class FluxGuard(ProtectionMethod):
         self,
         crops: torch.Tensor,
         *,
+        masks: torch.Tensor | None = None,
         target: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         progress: ProgressFn | None = None,
@@ -371,6 +399,8 @@ class FluxGuard(ProtectionMethod):
 
         Args:
             crops: aligned portrait crops; S a multiple of 16 (``crop_size`` by default).
+            masks: (B, 1, S, S) face masks in [0, 1] where the adversarial change may go (default: the whole crop);
+                an edit's regions are added to them.
             target: impersonation target crop(s), (1 or B, 3, S, S); None when dodging.
             generator: unused (the method is deterministic), accepted for the common interface.
             progress: ``progress(stage, step, total)`` with stages "invert", "generate", "attack", "faces".
@@ -380,39 +410,38 @@ class FluxGuard(ProtectionMethod):
             target_landmarks: likewise for ``target``.
 
         Returns:
-            MethodResult with the protected crops, one history entry per Adam step (face, step, iter, t, L_id,
-            L_p, w_id, loss) and info (regions, mask areas, T_inj, timesteps, clean_crops, seconds).
+            MethodResult with the protected crops (input + edit + shaped adversarial change), the masks used, one
+            history entry per Adam step (face, step, iter, t, L_id, L_p, w_id, loss) and info (regions, mask areas,
+            T_inj, timesteps, clean_crops = input + edit without the attack, seconds).
         """
         if crops.dim() != 4 or crops.shape[1] != 3 or crops.shape[-1] != crops.shape[-2] or crops.shape[-1] % 16:
             raise ValueError(f"expected (B, 3, S, S) crops with S a multiple of 16, got {tuple(crops.shape)}")
-        if self.mode is Mode.IMPERSONATE and target is None:
-            raise ValueError("impersonation needs a target crop")
-        if self.mode is Mode.DODGE and target is not None:
-            raise ValueError("target must be None when dodging")
+        self.check_target(target)
         b_size, size = crops.shape[0], int(crops.shape[-1])
         if self.config.vae_checkpointing:
             self.backend.vae.enable_gradient_checkpointing()
         if target is not None and (target.shape[0] not in (1, b_size) or target.shape[-1] != size):
             raise ValueError(f"target must be (1 or {b_size}, 3, {size}, {size}), got {tuple(target.shape)}")
         if edit_masks is not None:
-            edit_masks = edit_masks.reshape(b_size, size, size) if edit_masks.numel() == b_size * size * size \
-                else None
-            if edit_masks is None:
+            if edit_masks.numel() != b_size * size * size:
                 raise ValueError(f"edit_masks must be (B, S, S) or (B, 1, S, S) with B={b_size}, S={size}")
+            edit_masks = edit_masks.reshape(b_size, size, size)
+        face_masks = torch.ones(b_size, 1, size, size) if masks is None else masks.detach().float().cpu()
         src_key, gen_key, edit_prompt = self.resolve_prompts()
         backend = self.backend
         dev = backend.device
         for r in self.recognizers:
             r.to(dev)
-        perc = self.perceptual.to(dev)
+        perc = self.perceptual
+        if perc is not None:
+            perc = perc.to(dev)
         report = progress or (lambda stage, step, total: None)
 
         t0 = time.perf_counter()
-        out, clean, history = [], [], []
+        out, clean, used, history = [], [], [], []
         info: dict[str, Any] = {
             "regions": [], "mask_area_percent": [], "inject_steps": [], "v_stored": [], "v_replayed": [],
-            "text_free": backend.text_free, "edit_prompt": edit_prompt,
-            "perceptual": getattr(perc, "name", type(perc).__name__)}
+            "text_free": backend.text_free, "edit_prompt": edit_prompt, "perceptual": self.perceptual_kind}
         for i in range(b_size):
             x = crops[i : i + 1].to(dev, torch.float32)
             lm_i = None if landmarks is None else torch.as_tensor(landmarks, dtype=torch.float64).reshape(-1, 5, 2)[
@@ -424,10 +453,17 @@ class FluxGuard(ProtectionMethod):
             tlm = None if target_landmarks is None else torch.as_tensor(
                 target_landmarks, dtype=torch.float64).reshape(-1, 5, 2)[min(i, len(target_landmarks) - 1)]
             idloss = IdentityLoss(self.recognizers, x, tgt, lm_i, tlm)
-            za, zc, ts = self._run_face(x, mask, state, src_key, gen_key, idloss, perc, i, history, report)
+            edit_region = mask.to(dev)[None, None]
+            m = torch.maximum(face_masks[i : i + 1].to(dev), edit_region)
+            face = _FaceInputs(x, m, edit_region, self.change_bound(x, m))
+            za, zc, zr, ts = self._run_face(face, state, src_key, gen_key, edit_prompt is not None, idloss, perc, i,
+                                            history, report)
             with torch.no_grad():
-                out.append(backend.decode(za, size, size).cpu())
-                clean.append(backend.decode(zc, size, size).cpu())
+                base, x_clean = self._base(face, zc, zr, size)
+                adv = backend.decode(za, size, size)
+                out.append((base + shape_residual(adv - x_clean, m, face.bound, soft=True)).clamp(0, 1).cpu())
+                clean.append(base.cpu())
+                used.append(m.cpu())
             info["regions"].append(state.regions)
             info["mask_area_percent"].append(state.mask_area)
             info["inject_steps"].append(state.inject_steps)
@@ -437,7 +473,8 @@ class FluxGuard(ProtectionMethod):
             report("faces", i + 1, b_size)
         info["clean_crops"] = torch.cat(clean)
         info["seconds"] = time.perf_counter() - t0
-        return MethodResult(crops=torch.cat(out), history=history, info=info)
+        return MethodResult(crops=torch.cat(out), history=history, info=info, masks=torch.cat(used),
+                            reference=info["clean_crops"])
 
     # ------------------------------------------------------------------ pieces
     def _edit_mask(self, crop: torch.Tensor, edit_prompt: str | None, user_mask: torch.Tensor | None,
@@ -453,19 +490,31 @@ class FluxGuard(ProtectionMethod):
         em = build_edit_mask(crop, edit_prompt, self.landmarker, five)
         return em.mask, em.regions
 
-    def _run_face(self, x: torch.Tensor, mask: torch.Tensor, state: _FaceState, src_key: str | None,
-                  gen_key: str | None, idloss: IdentityLoss, perc: nn.Module, face: int,
+    def _base(self, face: _FaceInputs, zc: torch.Tensor, zr: torch.Tensor | None, size: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input + the edit's change inside its region, the clean branch's decoded image) at the current step."""
+        b = self.backend
+        x_clean = b.decode(zc, size, size)
+        if zr is None:  # no edit: the clean branch is the reconstruction
+            return face.x, x_clean
+        return face.x + face.edit_region * (x_clean - b.decode(zr, size, size)), x_clean
+
+    def _run_face(self, face: _FaceInputs, state: _FaceState, src_key: str | None, gen_key: str | None,
+                  editing: bool, idloss: IdentityLoss, perc: nn.Module | None, face_index: int,
                   history: list[dict[str, float]], report: ProgressFn
-                  ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[float]]:
+        """Invert, regenerate with the edit (clean branch), without it (reconstruction branch, only when
+        ``editing``) and with the attack (adversarial branch): (z_adv, z_clean, z_rec or None, timesteps)."""
         from fluxguard.generators.flux import flux_timesteps
         from fluxguard.methods.edit_mask import latent_token_mask
 
         c, b = self.config, self.backend
+        x = face.x
         size = int(x.shape[-1])
         n = c.num_steps
         ts = flux_timesteps(n, b.image_seq_len(size, size))
         tok = size // (2 * b.vae_scale_factor)
-        m = latent_token_mask(mask, tok, tok, c.mask_blur_sigma)[None].to(b.device)  # (1, N, 1)
+        m = latent_token_mask(face.edit_region[0, 0].cpu(), tok, tok, c.mask_blur_sigma)[None].to(b.device)
         cond_s, cond_g = b.conditioning(src_key), b.conditioning(gen_key)
         bank = ValueBank("cpu" if c.store_v_on_cpu else None)
         t_inj = state.inject_steps
@@ -493,18 +542,20 @@ class FluxGuard(ProtectionMethod):
             bank.set(None)
             state.v_stored = len(bank.bank)
 
-            def gen_step(zz: torch.Tensor, k: int) -> torch.Tensor:
+            def gen_step(zz: torch.Tensor, k: int, reconstruct: bool = False) -> torch.Tensor:
+                """One generation step: with the edit prompt and fusion, or (``reconstruct``) the inversion undone."""
                 tau, tau2 = ts[k], ts[k + 1]
                 dt = tau2 - tau
+                cond, g = (cond_s, c.inversion_guidance) if reconstruct else (cond_g, c.guidance)
                 replay = "replay" if k < t_inj else None
-                fuse = c.fusion_start <= k < c.fusion_end
+                fuse = not reconstruct and c.fusion_start <= k < c.fusion_end
                 idx = k if c.fusion_index == "as_released" else n - 1 - k
                 bank.set(replay, (k, False))
-                v = vel(zz, tau, cond_g, c.guidance)
+                v = vel(zz, tau, cond, g)
                 if fuse:
                     v = m * v + (1 - m) * inv_v[idx]
                 bank.set(replay, (k, True))
-                vm = vel(zz + dt / 2 * v, tau + dt / 2, cond_g, c.guidance)
+                vm = vel(zz + dt / 2 * v, tau + dt / 2, cond, g)
                 if fuse:
                     vm = m * vm + (1 - m) * inv_vm[idx]
                 bank.set(None)
@@ -512,9 +563,12 @@ class FluxGuard(ProtectionMethod):
 
         with torch.no_grad(), _Installed(b.transformer, bank, blocks), record_function("fluxguard/generate"):
             zc = z
+            zr = z if editing else None
             za = None if c.share_clean_branch else z.clone()
             n_attack = n - c.attack_start
             for k in range(n):
+                if zr is not None:
+                    zr = gen_step(zr, k, reconstruct=True)
                 if k < c.attack_start:
                     zc = gen_step(zc, k)
                     if za is not None:
@@ -527,37 +581,53 @@ class FluxGuard(ProtectionMethod):
                         zc, za = both[:1], both[1:]
                     else:
                         zc, za = gen_step(zc, k), gen_step(za, k)
-                    x_ref = b.decode(zc, size, size)
                     with torch.enable_grad(), record_function("fluxguard/attack"):
-                        za = self._adv_opt(za, x_ref, idloss, perc, face, k, ts[k + 1], history, report,
-                                           (k - c.attack_start) * c.adam_steps, n_attack * c.adam_steps)
+                        za = self._adv_opt(za, zc, zr, face, idloss, perc, face_index, k, ts[k + 1], history,
+                                           report, (k - c.attack_start) * c.adam_steps, n_attack * c.adam_steps)
                 report("generate", k + 1, n)
             if za is None:
                 za = zc
             state.v_replayed = bank.replayed
-        return za, zc, ts
+        return za, zc, zr, ts
 
-    def _adv_opt(self, z0: torch.Tensor, x_ref: torch.Tensor, idloss: IdentityLoss, perc: nn.Module, face: int,
-                 k: int, t: float, history: list[dict[str, float]], report: ProgressFn, done: int, total: int
-                 ) -> torch.Tensor:
-        """``get_classifier_guidance``: a fresh Adam on the (partly noisy) packed latent, decoded every step."""
+    def _adv_opt(self, z0: torch.Tensor, zc: torch.Tensor, zr: torch.Tensor | None, face: _FaceInputs,
+                 idloss: IdentityLoss, perc: nn.Module | None, face_index: int, k: int, t: float,
+                 history: list[dict[str, float]], report: ProgressFn, done: int, total: int) -> torch.Tensor:
+        """``get_classifier_guidance``: a fresh Adam on the (partly noisy) packed latent, decoded every step, the loss
+        taken on the composed output ``base + shape(decode(z) - decode(z_clean))``."""
         c, b = self.config, self.backend
-        size = int(x_ref.shape[-1])
+        size = int(face.x.shape[-1])
+        with torch.no_grad():
+            base, x_clean = self._base(face, zc, zr, size)
         z = z0.detach().float().clone().requires_grad_(True)
         opt = torch.optim.Adam([z], lr=c.adam_lr)
         for it in range(c.adam_steps):
-            x = b.decode(z, size, size)
+            change = shape_residual(b.decode(z, size, size) - x_clean, face.m, face.bound, soft=True)
+            x = (base + change).clamp(0, 1)
             lid = idloss(x).mean()
-            lp = perc(x, x_ref).mean()
+            if perc is None:
+                lp = c.lp_limit * budget_usage(change, face.bound, face.m).mean() / c.jnd_midpoint
+            else:
+                lp = perc(x, base).mean()
             w = self.id_weight(float(lp.detach()))
             loss = w * lid + c.perceptual_weight * lp
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            history.append({"face": face, "step": k, "iter": it, "t": t, "L_id": float(lid.detach()),
+            history.append({"face": face_index, "step": k, "iter": it, "t": t, "L_id": float(lid.detach()),
                             "L_p": float(lp.detach()), "w_id": w, "loss": float(loss.detach())})
             report("attack", done + it + 1, total)
         return z.detach()
+
+
+@dataclass
+class _FaceInputs:
+    """One face's fixed inputs: the crop, the mask the change may use, the edit's region and the per-pixel bound."""
+
+    x: torch.Tensor  # (1, 3, S, S)
+    m: torch.Tensor  # (1, 1, S, S): face mask plus edit regions
+    edit_region: torch.Tensor  # (1, 1, S, S)
+    bound: torch.Tensor  # (1, 1, S, S): the budget's per-pixel bound inside m
 
 
 __all__ = ["FluxGuard", "FluxGuardConfig", "PAPER_EDIT_PROMPT", "PAPER_SOURCE_PROMPT", "ValueBank",

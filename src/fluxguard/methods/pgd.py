@@ -1,6 +1,9 @@
-"""The pixel baseline: ensemble PGD with momentum and input diversity (MI-FGSM / DI / TI, TIP-IM-style budget).
+"""The pixel baseline: ensemble PGD with momentum and input diversity (MI-FGSM / DI / TI) inside the visibility budget.
 
-Distance measure: L-inf on the aligned portrait crop, budget ``eps`` (default 8/255). Input range [0, 1].
+Distance measure: a per-pixel L-inf bound on the aligned portrait crop, the scaled JND of each pixel inside the
+face mask and 0 outside (:class:`~fluxguard.losses.visibility.VisibilityBudget`): the change goes where texture hides
+it, never onto the background or hair. ``eps`` optionally caps it further with a uniform L-inf budget (the classic
+TIP-IM-style 8/255). Input range [0, 1].
 With ``momentum=0, diversity_prob=0`` it is plain PGD (Madry et al. 2018); the defaults are MI-FGSM
 (Dong et al. 2018, arXiv 1710.06081) with input diversity (Xie et al. 2019, arXiv 1803.06978), which is what
 transfers to FR models that were not attacked. ``eot`` adds expectation over JPEG / resize (straight-through
@@ -12,7 +15,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,13 +26,14 @@ from PIL import Image
 from fluxguard.errors import ConfigError
 from fluxguard.faces.align import portrait_template
 from fluxguard.losses.identity import IdentityLoss
+from fluxguard.losses.visibility import delta_e_cost, project_sparse, shape_residual
 from fluxguard.methods.base import MethodResult, Mode, ProgressFn, ProtectionMethod
 from fluxguard.recognition.base import FaceRecognizer
 
 
 @dataclass
 class PGDConfig:
-    eps: float = 8 / 255  # L-inf budget on the aligned crop
+    eps: float | None = None  # extra uniform L-inf cap on the aligned crop (None: the visibility budget alone)
     steps: int = 50
     step_size: float = 1 / 255
     momentum: float = 1.0  # MI-FGSM decay mu; 0 = plain PGD
@@ -38,17 +42,26 @@ class PGDConfig:
     ti_kernel: int = 0  # TI: Gaussian smoothing of the gradient (kernel size, odd); 0 = off
     eot: tuple[str, ...] = field(default_factory=tuple)  # subset of ("jpeg", "resize")
     random_start: bool = False
-    crop_size: int = 256
+    colour: str = "rgb"  # "rgb": each channel changes; "luma": one grey-level change per pixel (no hue change)
+    # "box": every pixel up to its bound (sign steps); "sparse": the budget's mean CIEDE2000 as an L1 ball, spent on
+    # the pixels where the gradient is largest per unit of colour difference (normalised-gradient steps)
+    projection: str = "box"
+    crop_size: int | None = None  # None: each face at its own resolution in the photo (no resampling loss)
 
     def validate(self) -> None:
-        if not 0 < self.eps <= 1:
+        if self.eps is not None and not 0 < self.eps <= 1:
             raise ConfigError(f"eps must be in (0, 1], got {self.eps}")
         if self.steps < 1 or self.step_size <= 0:
             raise ConfigError("steps must be >= 1 and step_size > 0")
         if not 0 <= self.diversity_prob <= 1:
             raise ConfigError("diversity_prob must be in [0, 1]")
+        if self.projection not in ("box", "sparse"):
+            raise ConfigError(f"projection must be box or sparse, got {self.projection!r}")
+        if self.colour not in ("rgb", "luma"):
+            raise ConfigError(f"colour must be rgb or luma, got {self.colour!r}")
         if self.ti_kernel and self.ti_kernel % 2 == 0:
             raise ConfigError("ti_kernel must be odd (or 0 to disable)")
+        self.eot = tuple(self.eot)
         bad = set(self.eot) - {"jpeg", "resize"}
         if bad:
             raise ConfigError(f"unknown eot transform(s) {sorted(bad)}; use jpeg, resize")
@@ -74,37 +87,22 @@ def _gaussian_kernel(size: int, device: torch.device) -> torch.Tensor:
 
 
 class PGD(ProtectionMethod):
-    """Ensemble MI-FGSM + DI (+TI, +EOT) on the aligned face; see the module docstring."""
+    """Ensemble MI-FGSM + DI (+TI, +EOT) on the aligned face inside the visibility budget; see the module docstring."""
 
     name = "pgd"
     config_class = PGDConfig
-    # L-inf budget and iterations; "high" also optimises through JPEG round trips (EOT) so the change survives
-    # re-compression.
+    # The visibility budget names the per-pixel bound; "high" also optimises through JPEG round trips (EOT) so the
+    # change survives re-compression.
     presets = {
-        "low": {"eps": 4 / 255, "steps": 25},
-        "medium": {"eps": 8 / 255, "steps": 50},
-        "high": {"eps": 12 / 255, "steps": 100, "eot": ["jpeg"]},
+        "low": {"budget": "low"},
+        "medium": {"budget": "medium"},
+        "high": {"budget": "high", "eot": ["jpeg"]},
     }
 
-    def __init__(
-        self,
-        recognizers: Sequence[FaceRecognizer],
-        *,
-        mode: Mode | str = Mode.DODGE,
-        config: PGDConfig | None = None,
-        **overrides: Any,
-    ) -> None:
-        super().__init__(recognizers, mode=mode)
-        self.config = config or PGDConfig()
-        for k, v in overrides.items():
-            if not hasattr(self.config, k):
-                raise ConfigError(f"pgd has no parameter {k!r}; valid: {', '.join(asdict(self.config))}")
-            setattr(self.config, k, tuple(v) if k == "eot" else v)
-        self.config.validate()
+    def __init__(self, recognizers: Sequence[FaceRecognizer], *, mode: Mode | str = Mode.DODGE,
+                 config: PGDConfig | None = None, **overrides: Any) -> None:
+        super().__init__(recognizers, mode=mode, config=config, **overrides)
         self.crop_size = self.config.crop_size
-
-    def params(self) -> dict[str, Any]:
-        return {**super().params(), **asdict(self.config)}
 
     def _diverse(self, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A random input transform: jittered landmarks (each FR crop moves/scales) and a down-up resize."""
@@ -142,43 +140,64 @@ class PGD(ProtectionMethod):
         self,
         crops: torch.Tensor,
         *,
+        masks: torch.Tensor | None = None,
         target: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         progress: ProgressFn | None = None,
     ) -> MethodResult:
         cfg = self.config
-        if self.mode is Mode.IMPERSONATE and target is None:
-            raise ConfigError("impersonation needs a target face (--target PHOTO)")
-        if self.mode is Mode.DODGE and target is not None:
-            raise ConfigError("a target face was given but the mode is dodge; use --mode impersonate")
+        self.check_target(target)
         gen = generator or torch.Generator().manual_seed(0)
         x0 = crops.detach().float()
+        m = torch.ones_like(x0[:, :1]) if masks is None else masks.to(x0)
+        bound = self.change_bound(x0, m)
+        if cfg.eps is not None:
+            bound = bound.clamp(max=cfg.eps)
         loss_fn = IdentityLoss(self.recognizers, x0, target)
+        sparse = None
+        if cfg.projection == "sparse":
+            cost = delta_e_cost(x0) * m
+            total = 0.95 * self.budget.max_delta_e * m.flatten(1).sum(1)
+            sparse = (cost, total)
         delta = torch.zeros_like(x0)
         if cfg.random_start:
-            delta = (torch.rand(x0.shape, generator=gen) * 2 - 1).to(x0) * cfg.eps
-            delta = (x0 + delta).clamp(0, 1) - x0
+            delta = (torch.rand(x0.shape, generator=gen) * 2 - 1).to(x0) * bound
         g = torch.zeros_like(x0)
         kernel = _gaussian_kernel(cfg.ti_kernel, x0.device) if cfg.ti_kernel else None
         history: list[dict[str, float]] = []
         for step in range(cfg.steps):
-            delta.requires_grad_(True)
+            delta = self._project(x0, delta, m, bound, sparse).requires_grad_(True)
             x = x0 + delta
             x_in, lm = self._diverse(self._eot(x, gen), gen)
             loss = loss_fn(x_in, lm).sum()
             (grad,) = torch.autograd.grad(loss, delta)
             with torch.no_grad():
+                if cfg.colour == "luma":
+                    grad = grad.sum(1, keepdim=True).expand_as(grad)
                 if kernel is not None:
                     grad = F.conv2d(grad, kernel, padding=cfg.ti_kernel // 2, groups=3)
                 if cfg.momentum > 0:
                     g = cfg.momentum * g + grad / grad.abs().mean((1, 2, 3), keepdim=True).clamp_min(1e-12)
-                    direction = g.sign()
                 else:
-                    direction = grad.sign()
-                delta = (delta - cfg.step_size * direction).clamp(-cfg.eps, cfg.eps)
-                delta = (x0 + delta).clamp(0, 1) - x0
+                    g = grad
+                if sparse is None:
+                    direction = g.sign()
+                else:  # largest gradients move fastest; the projection keeps the best pixels
+                    direction = g / g.abs().flatten(1).quantile(0.99, dim=1).clamp_min(1e-12)[:, None, None, None]
+                delta = delta - cfg.step_size * direction
             history.append({"step": step, "loss": loss.item() / x0.shape[0]})
             if progress:
                 progress("attack", step + 1, cfg.steps)
-        out = (x0 + delta).clamp(0, 1).detach()
-        return MethodResult(crops=out, history=history, info={"linf": float((out - x0).abs().max())})
+        out = (x0 + self._project(x0, delta.detach(), m, bound, sparse)).clamp(0, 1)
+        return MethodResult(crops=out, history=history, info={"linf": float((out - x0).abs().max())}, masks=m)
+
+    @staticmethod
+    def _project(x0: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor, bound: torch.Tensor,
+                 sparse: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Into the budget: per-pixel bound, no colour cast (mean change 0 over the mask), inside [0, 1]; with
+        ``sparse`` = (cost, total) also the mean-CIEDE2000 ball."""
+        d = shape_residual(delta.detach(), mask, bound)
+        if sparse is not None:
+            d = project_sparse(d, sparse[0], bound, sparse[1])
+        d = torch.maximum(torch.minimum(d, bound), -bound)  # the cast removal may step over the bound by a hair
+        return (x0 + d).clamp(0, 1) - x0

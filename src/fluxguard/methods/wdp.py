@@ -12,6 +12,12 @@ Re-implemented from the authors' code (``parham1998/Facial-Privacy-Protection``)
    branch and of the clean branch on every self-attention layer (``attn1``) at every regenerated step, recorded by a
    custom attention processor while both branches run as one batch.
 
+Natural by construction (our change): the protected face is the original plus the change the attack makes to the
+regeneration, ``x + shape(D(regen(z_adv)) - D(regen(z_init)))``, the change confined to the face mask, bounded per
+pixel by the visibility budget and free of colour cast (:func:`fluxguard.losses.visibility.shape_residual`); the
+adversarial iterations optimise that composition. What the VAE and the few regenerated steps cannot reproduce never
+reaches the output, and with no adversarial iteration the output is the input.
+
 Deviations from the authors' code (numerically equivalent unless stated): the FR models cut their own aligned
 crops from the portrait crop instead of an MTCNN box; the pointless classifier-free-guidance doubling of the batch is
 dropped; only the adversarial branch is decoded; self-attention is computed with ``Attention.get_attention_scores``
@@ -25,7 +31,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -34,6 +40,7 @@ import torch.nn.functional as F
 from fluxguard.errors import ConfigError
 from fluxguard.generators.sd import SDBackend
 from fluxguard.losses.identity import IdentityLoss
+from fluxguard.losses.visibility import shape_residual
 from fluxguard.methods.base import MethodResult, Mode, ProgressFn, ProtectionMethod
 from fluxguard.recognition.base import FaceRecognizer
 
@@ -340,10 +347,11 @@ class WDP(ProtectionMethod):
     crop_size: int = 256
     config_class = WDPConfig
     # Weight of the identity loss and adversarial AdamW iterations (medium = the paper's 0.003 and 30).
+    # Each strength is a visibility budget (the same for every method); lambda_adv and the 30 iterations are the paper's.
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "low": {"lambda_adv": 0.0015, "prot_steps": 15},
-        "medium": {"lambda_adv": 0.003, "prot_steps": 30},
-        "high": {"lambda_adv": 0.006, "prot_steps": 60},
+        "low": {"budget": "low"},
+        "medium": {"budget": "medium"},
+        "high": {"budget": "high"},
     }
 
     def __init__(
@@ -355,12 +363,7 @@ class WDP(ProtectionMethod):
         backend: SDBackend | None = None,
         **overrides: Any,
     ) -> None:
-        super().__init__(recognizers, mode=mode)
-        try:
-            self.config = replace(config or WDPConfig(), **overrides)
-        except TypeError as exc:
-            raise ConfigError(f"unknown WDP parameter: {exc}") from exc
-        self.config.validate()
+        super().__init__(recognizers, mode=mode, config=config, **overrides)
         self.crop_size = self.config.crop_size
         self._backend = backend
 
@@ -374,10 +377,14 @@ class WDP(ProtectionMethod):
 
     def params(self) -> dict[str, Any]:
         out = super().params()
-        out.update(asdict(self.config))
         if self._backend is not None:
             out["model"] = self._backend.source
         return out
+
+    def check_target(self, target: torch.Tensor | None) -> None:
+        """Impersonation needs a target; dodging may take one as a guide identity (the authors' obfuscation)."""
+        if self.mode is Mode.IMPERSONATE and target is None:
+            raise ConfigError("impersonation needs a target face")
 
     def _check_inputs(self, crops: torch.Tensor, target: torch.Tensor | None) -> None:
         s = self.crop_size
@@ -397,6 +404,7 @@ class WDP(ProtectionMethod):
         self,
         crops: torch.Tensor,
         *,
+        masks: torch.Tensor | None = None,
         target: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         progress: ProgressFn | None = None,
@@ -416,6 +424,8 @@ class WDP(ProtectionMethod):
             r.to(dev)
         crops = crops.detach().to(dev, torch.float32)
         target = None if target is None else target.detach().to(dev, torch.float32)
+        m = torch.ones_like(crops[:, :1]) if masks is None else masks.detach().to(dev, torch.float32)
+        bound = self.change_bound(crops, m)
         if generator is None:
             generator = torch.Generator().manual_seed(cfg.seed)
         b = crops.shape[0]
@@ -455,6 +465,10 @@ class WDP(ProtectionMethod):
         pair_embs = [torch.cat([e, e]) for e in embeddings]
         history: list[dict[str, float]] = []
         with self_attention_probe(backend.unet, probe):
+            with torch.no_grad():  # what the pipeline gives without the attack: the change is measured from it
+                probe.active = False
+                x_rec = backend.decode(regenerate(backend, z_init, regen_moves, embeddings))
+                probe.active = True
             if cfg.cache_reference_branch:
                 with torch.no_grad(), probe.store():
                     regenerate(backend, z_init, regen_moves, embeddings)
@@ -464,7 +478,7 @@ class WDP(ProtectionMethod):
                     z = regenerate(backend, z_adv, regen_moves, embeddings)
                 else:
                     z = regenerate(backend, torch.cat([z_init, z_adv]), regen_moves, pair_embs)[b:]
-                image = backend.decode(z)
+                image = (crops + shape_residual(backend.decode(z) - x_rec, m, bound, soft=True)).clamp(0, 1)
                 embs = ident.embeddings(image)
                 cos = ident.cosines(embs).detach()  # (M, B)
                 id_loss = ident.terms(embs).sum(0)
@@ -485,7 +499,8 @@ class WDP(ProtectionMethod):
                     progress("adversarial", it + 1, cfg.prot_steps)
             probe.active = False
             with torch.no_grad():
-                out = backend.decode(regenerate(backend, z_adv.detach(), regen_moves, embeddings), clamp=True)
+                adv = backend.decode(regenerate(backend, z_adv.detach(), regen_moves, embeddings))
+                out = (crops + shape_residual(adv - x_rec, m, bound, soft=True)).clamp(0, 1)
         timings["adversarial_s"] = time.perf_counter() - t0
 
         with torch.no_grad():
@@ -501,4 +516,4 @@ class WDP(ProtectionMethod):
             "timings": timings,
             "params": self.params(),
         }
-        return MethodResult(crops=out.detach().float().cpu(), history=history, info=info)
+        return MethodResult(crops=out.detach().float().cpu(), history=history, info=info, masks=m.cpu())
