@@ -46,7 +46,7 @@ MATCH_GRIDS: dict[str, dict[str, Any]] = {
 
 
 def lite_available() -> bool:
-    from fluxguard.generators.lite import lite_dir
+    from fluxguard.generators.lite_files import lite_dir
 
     return (lite_dir() / "vae" / "config.json").is_file()
 
