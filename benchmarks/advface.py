@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from fluxguard.data import find_faces_dir  # noqa: E402
 from fluxguard.features.advface import AdvFaceConfig  # noqa: E402
-from fluxguard.features.decoders import decoder_path  # noqa: E402
-from fluxguard.features.evaluate import attackers_dir, markdown_table, run_evaluation  # noqa: E402
+from fluxguard.features.decoders import attackers_dir, decoder_path  # noqa: E402
+from fluxguard.features.evaluate import markdown_table, run_evaluation  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results"
 

@@ -46,7 +46,7 @@ MATCH_GRIDS: dict[str, dict[str, Any]] = {
 
 
 def lite_available() -> bool:
-    from fluxguard.generators.lite import lite_dir
+    from fluxguard.generators.lite_files import lite_dir
 
     return (lite_dir() / "vae" / "config.json").is_file()
 
@@ -67,7 +67,7 @@ def rows_spec(extra: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def calib_faces(data: Path, n: int) -> list[tuple[Path, Any]]:
     """The first ``n`` calib-split photos (identity order by SHA-1 of the name) with a detected face."""
     from fluxguard.data import list_photos, photos_in_split
-    from fluxguard.eval.runner import main_face
+    from fluxguard.eval.protocol import main_face
     from fluxguard.faces.detect import detect_cached
     from fluxguard.io import load_image
 
@@ -293,8 +293,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from fluxguard.cli.protect import parse_params
     from fluxguard.data import find_faces_dir
+    from fluxguard.eval.files import clean_json
     from fluxguard.eval.report import write_reports
-    from fluxguard.eval.runner import _clean_json, evaluate
+    from fluxguard.eval.runner import evaluate
 
     data = args.data or find_faces_dir()
     if data is None:
@@ -339,7 +340,7 @@ def main() -> None:
         write_reports(res, folder, prefix=f"bench-limit{args.limit}-")
         info["wall_seconds"] = round(time.time() - t0, 1)
         info["run_dir"] = str(folder)
-        report["rows"].append(_clean_json(summary_row(name, res, info)))
+        report["rows"].append(clean_json(summary_row(name, res, info)))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".json").write_text(json.dumps(report, indent=1))
         args.out.with_suffix(".md").write_text(markdown(report))

@@ -308,7 +308,7 @@ def test_cli_evaluate_trains_its_attacker_then_reports(small_faces: Path, tmp_pa
     from typer.testing import CliRunner
 
     from fluxguard.cli import app
-    from fluxguard.features.evaluate import attackers_dir
+    from fluxguard.features.decoders import attackers_dir
 
     monkeypatch.setenv("FLUXGUARD_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "report"

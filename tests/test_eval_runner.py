@@ -18,8 +18,10 @@ from torch import nn
 
 from fluxguard.data import package_faces, split_of
 from fluxguard.errors import ConfigError
+from fluxguard.eval.purification import Purifier, make_purifier
 from fluxguard.eval.robustness import TRANSFORMS
-from fluxguard.eval.runner import Purifier, evaluate, match_face
+from fluxguard.eval.runner import evaluate
+from fluxguard.eval.scoring import match_face
 from fluxguard.faces.align import ARCFACE_112
 from fluxguard.faces.types import Face
 from fluxguard.recognition.base import CropSpec, FaceRecognizer, RecognizerSpec
@@ -307,10 +309,8 @@ def test_cli_evaluate_pgd_end_to_end(faces_dir, tmp_path) -> None:
 
 
 def test_purification_auto_without_backend_leaves_a_note(monkeypatch) -> None:
-    import fluxguard.eval.runner as runner
-
     monkeypatch.setitem(sys.modules, "fluxguard.generators.lite", None)  # as in a build without the lite models
     notes: list[str] = []
-    assert runner.make_purifier("auto", 0, "cpu", notes) is None
+    assert make_purifier("auto", 0, "cpu", notes) is None
     assert "purification check not run" in notes[0]
-    assert runner.make_purifier(None, 0, "cpu", notes) is None and "skipped" in notes[1]
+    assert make_purifier(None, 0, "cpu", notes) is None and "skipped" in notes[1]

@@ -121,7 +121,7 @@ class WebService:
     def supports_edit(self, method: str) -> bool:
         """Whether ``method`` takes a text edit here: it has an ``edit_prompt`` and a generator with text encoders
         (the built-in lite models have none)."""
-        from fluxguard.generators.lite import is_lite
+        from fluxguard.generators.lite_files import is_lite
         from fluxguard.methods import METHODS
 
         cls = METHODS[method]

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from fluxguard.cli import app
+from fluxguard.cli._app import app
 from fluxguard.cli._common import console, friendly_errors, print_json
 from fluxguard.errors import FluxguardError
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from fluxguard.cli import app
+from fluxguard.cli._app import app
 from fluxguard.cli._common import console, friendly_errors, print_json, split_names
 from fluxguard.errors import ConfigError, FluxguardError
 

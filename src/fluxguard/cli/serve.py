@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from fluxguard.cli import app
+from fluxguard.cli._app import app
 from fluxguard.cli._common import console, friendly_errors, split_names
 
 

@@ -2,16 +2,21 @@
 
 A latent-diffusion "purifier" (DiffPure-style, SDEdit on SD latents) encodes the crop, adds Gaussian noise up to a
 timestep, and DDIM-denoises back with the unconditional embedding, which washes out small adversarial patterns.
-Re-scoring protected faces after this pass measures how much protection survives it, for every method.
+Re-scoring protected faces after this pass measures how much protection survives it, for every method:
+:class:`Purifier` applies it to the face of a whole photo, as the evaluation does (:func:`make_purifier`).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
+from fluxguard.errors import FluxguardError
 from fluxguard.generators.sd import SDBackend, load_backend
 
 
@@ -77,3 +82,69 @@ def purify(
                 z = sd.ddim_step(z, sd.predict_noise(z, t, emb), t, t - step)
         out.append(sd.decode(z, clamp=True).cpu())
     return torch.cat(out)
+
+
+@dataclass
+class Purifier:
+    """Purify the face of a photo: align a ``size`` crop, :func:`purify` it with an SD-style backend, paste the
+    change back."""
+
+    backend: Any
+    source: str
+    size: int = 256
+    strength: float = 0.2
+    num_steps: int = 20
+    seed: int = 0
+
+    @property
+    def tag(self) -> str:
+        h = hashlib.sha1(f"{self.source}|{self.size}|{self.strength}|{self.num_steps}|{self.seed}".encode())
+        return h.hexdigest()[:12]
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.source, "crop": self.size, "strength": self.strength, "num_steps": self.num_steps,
+                "seed": self.seed}
+
+    def __call__(self, rgb: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        from fluxguard.api import to_tensor, to_uint8
+        from fluxguard.faces import align_faces, paste_back
+
+        photo = to_tensor(rgb)
+        aligned = align_faces(photo, [landmarks], self.size)
+        cfg = PurificationConfig(strength=self.strength, num_steps=self.num_steps)
+        out = purify(aligned[0].crop[None], self.backend, config=cfg,
+                     generator=torch.Generator().manual_seed(self.seed))
+        return to_uint8(paste_back(photo, aligned, [out[0]]))
+
+
+def make_purifier(spec: Any, seed: int, device: str, notes: list[str]) -> Purifier | None:
+    """``None``/``"none"``: skip; ``"auto"``: the lite SD model shipped with fluxguard when present; a folder or
+    hub id: that SD model; an SDBackend: itself. Why a check does not run goes to ``notes``."""
+    if spec is None or spec == "none" or spec is False:
+        notes.append("purification check skipped (not requested)")
+        return None
+    if isinstance(spec, Purifier):
+        return spec
+    if isinstance(spec, SDBackend):
+        return Purifier(spec, spec.source, seed=seed)
+    if spec == "auto":
+        backend = _lite_sd_backend(notes)
+        return None if backend is None else Purifier(backend, backend.source, seed=seed)
+    try:
+        backend = load_backend(str(spec), device=device)
+    except FluxguardError as e:
+        notes.append(f"purification check not run: {e}")
+        return None
+    return Purifier(backend, str(spec), seed=seed)
+
+
+def _lite_sd_backend(notes: list[str]) -> Any:
+    """The lite UNet + VAE shipped with fluxguard as an SDBackend, or None (with a note) when this install has none."""
+    try:
+        from fluxguard.generators.lite import load_lite_sd
+
+        return load_lite_sd()
+    except (ImportError, FluxguardError) as e:
+        notes.append(f"purification check not run: no SD-style backend is available here ({e}; SD weights cannot "
+                     "be downloaded); pass --purification FOLDER")
+    return None

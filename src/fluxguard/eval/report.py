@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
-FARS = ("1e-1", "1e-2", "1e-3")
-MAIN_FAR = "1e-2"
+from fluxguard.eval.files import clean_json, item_path, write_atomic
+from fluxguard.eval.protocol import FARS, MAIN_FAR
+
 MODE_TITLE = {"dodge": "dodging", "impersonate": "impersonation"}
 
 
@@ -249,7 +250,6 @@ def _face_crop(rgb: np.ndarray, box: Sequence[float], size: int = 160) -> np.nda
 
 def _thumbnails(results: Mapping[str, Any], out_dir: Path, per_mode: int = 6) -> list[str]:
     """HTML figures: source face, protected face, amplified difference, with the judges' cosines."""
-    from fluxguard.eval.runner import _safe
     from fluxguard.io import load_image
 
     data = Path(results["data_dir"])
@@ -263,7 +263,7 @@ def _thumbnails(results: Mapping[str, Any], out_dir: Path, per_mode: int = 6) ->
             if not bb:
                 continue
             src_p = data / it["source"]
-            prot_p = out_dir / "items" / mode / it["zoo_tag"] / f"{_safe(it['identity'])}.png"
+            prot_p = item_path(out_dir, mode, it["zoo_tag"], it["identity"], ".png")
             if not (src_p.is_file() and prot_p.is_file()):
                 continue
             src, prot = load_image(src_p).rgb, load_image(prot_p).rgb
@@ -331,13 +331,11 @@ def html_report(results: Mapping[str, Any], out_dir: Path) -> str:
 def write_reports(results: Mapping[str, Any], out_dir: str | Path, *, prefix: str = "") -> dict[str, Path]:
     """Write results.json, results.md and report.html into ``out_dir`` (the evaluation folder: thumbnails are read
     from its ``items/``), each name preceded by ``prefix``; returns their paths."""
-    from fluxguard.eval.runner import _clean_json, _write_atomic
-
     out = Path(out_dir)
     paths = {"json": out / f"{prefix}results.json", "md": out / f"{prefix}results.md",
              "html": out / f"{prefix}report.html"}
-    _write_atomic(paths["json"], json.dumps(_clean_json(results), indent=1, allow_nan=False).encode())
+    write_atomic(paths["json"], json.dumps(clean_json(results), indent=1, allow_nan=False).encode())
     clean = json.loads(paths["json"].read_text())  # the tables are made from exactly what was saved
-    _write_atomic(paths["md"], markdown(clean).encode())
-    _write_atomic(paths["html"], html_report(clean, out).encode())
+    write_atomic(paths["md"], markdown(clean).encode())
+    write_atomic(paths["html"], html_report(clean, out).encode())
     return paths

@@ -152,6 +152,15 @@ def decoder_path(role: str, fr_model: str) -> Path:
     return WEIGHTS_DIR / f"{role}-{fr_model}.safetensors"
 
 
+def attackers_dir() -> Path:
+    """Folder of the evaluation attackers, in the user cache: trained where the evaluation runs
+    (:func:`fluxguard.features.training.train_attacker`, ``fluxguard features evaluate`` when one is missing), as an
+    attacker trains its own inverter; they are not shipped (about 2.6 MB each, beyond the repository's budget)."""
+    from fluxguard.recognition.sources import cache_dir
+
+    return cache_dir() / "advface" / "attackers"
+
+
 def save_decoder(net: nn.Module, fr_model: type[FaceRecognizer], role: str, path: Path | None = None,
                  extra: dict[str, str] | None = None) -> Path:
     """Write ``net`` as fp16 safetensors with the metadata that ties it to ``fr_model`` (atomic)."""

@@ -43,15 +43,6 @@ def judge_for(model: str) -> str:
     return DEFAULT_JUDGES.get(model, "mobilefacenet")
 
 
-def attackers_dir() -> Path:
-    """Folder of the evaluation attackers, in the user cache: trained where the evaluation runs
-    (:func:`fluxguard.features.training.train_attacker`, ``fluxguard features evaluate`` when one is missing), as an
-    attacker trains its own inverter; they are not shipped (about 2.6 MB each, beyond the repository's budget)."""
-    from fluxguard.recognition.sources import cache_dir
-
-    return cache_dir() / "advface" / "attackers"
-
-
 @dataclass
 class EvalFaces:
     """The eval-split faces: portrait crops, landmarks, identities, sources, and the real 64 px aligned faces."""
@@ -343,6 +334,8 @@ def run_evaluation(data: str | Path, models: Sequence[str], configs: dict, *, at
     """Evaluate every model of ``models`` under every setting; write JSON, Markdown and HTML into ``out``.
 
     ``train_attackers``: first train the missing evaluation attackers on the training split of ``data``."""
+    from fluxguard.features.decoders import attackers_dir
+
     say = progress or (lambda s: log.info(s))
     root = attackers or attackers_dir()
     for m in models:  # before the slow part

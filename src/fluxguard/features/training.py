@@ -232,8 +232,7 @@ def _save_last(run: Path, net: torch.nn.Module, opt: torch.optim.Optimizer, step
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from fluxguard.features.decoders import build_decoder, save_decoder
-    from fluxguard.features.evaluate import attackers_dir
+    from fluxguard.features.decoders import attackers_dir, build_decoder, save_decoder
     from fluxguard.recognition import FR_MODELS
 
     run = args.cache / "runs" / f"{args.role}-{args.model}{args.tag}"
@@ -242,7 +241,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     net.load_state_dict(ck["net"])
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
     # shadows ship with the package; attackers are for evaluation only and go to the cache
-    # (fluxguard.features.evaluate.attackers_dir), unless --out says otherwise
+    # (fluxguard.features.decoders.attackers_dir), unless --out says otherwise
     if args.out is not None:
         dest = Path(args.out)
     elif args.role == "attacker":
@@ -335,7 +334,7 @@ def train_attacker(model: str, data: str | Path, *, steps: int = 300, cache: Pat
     run([*common, "embed", "--models", model])
     run([*common, "train", "--role", "attacker", "--model", model, "--steps", str(steps),
          "--log-every", str(min(log_every, max(1, steps // 2)))])
-    from fluxguard.features.evaluate import attackers_dir
+    from fluxguard.features.decoders import attackers_dir
 
     dest = out or attackers_dir() / f"attacker-{model}.safetensors"
     run([*common, "export", "--role", "attacker", "--model", model, "--out", str(dest)])

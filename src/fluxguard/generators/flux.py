@@ -173,7 +173,7 @@ class FluxBackend(nn.Module):
         Raises:
             FluxguardError: the folder is missing pieces (named in the message).
         """
-        from fluxguard.generators.lite import resolve_model
+        from fluxguard.generators.lite_files import resolve_model
 
         diffusers = _require("diffusers", "the FLUX backend")
         path_or_id = resolve_model(path_or_id)

@@ -13,17 +13,18 @@ The folder ``weights/lite`` is laid out so that the ordinary backends load it, u
 - :class:`~fluxguard.generators.sd.SDBackend` (WDP, purification): ``vae/``, ``unet/`` (``UNet2DConditionModel``,
   epsilon prediction), ``scheduler/`` (SD's ``DDIMScheduler`` config) and ``null_embedding.safetensors``.
 
-Weights are stored in fp16 and loaded as frozen fp32 modules.
+Weights are stored in fp16 and loaded as frozen fp32 modules. The folder and the name ``"lite"`` are resolved in
+:mod:`fluxguard.generators.lite_files` (``LITE``, ``LITE_SIZE``, ``lite_dir``, ``resolve_model`` and ``is_lite`` are
+importable from here too).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fluxguard.errors import FluxguardError
+from fluxguard.generators.lite_files import LITE, LITE_SIZE, is_lite, lite_dir, resolve_model
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -31,31 +32,8 @@ if TYPE_CHECKING:
     from fluxguard.generators.flux import FluxBackend
     from fluxguard.generators.sd import SDBackend
 
-LITE = "lite"
-"""Model name of the shipped lite models, accepted wherever a model id or folder is."""
-
-LITE_SIZE = 256
-"""Side of the aligned portrait crop (px) the lite models were trained at."""
-
-
-def lite_dir() -> Path:
-    """The folder of the shipped lite weights (``fluxguard/weights/lite``)."""
-    return Path(__file__).resolve().parent.parent / "weights" / "lite"
-
-
-def resolve_model(model: str | Path) -> str:
-    """``"lite"`` -> the shipped folder (checked); anything else unchanged."""
-    if str(model) != LITE:
-        return str(model)
-    folder = lite_dir()
-    if not (folder / "vae" / "config.json").is_file():
-        raise FluxguardError("the built-in lite model files are missing (reinstall fluxguard)", path=folder)
-    return str(folder)
-
-
-def is_lite(model: str | Path) -> bool:
-    """True for the name ``"lite"`` or the shipped folder itself."""
-    return str(model) == LITE or Path(str(model)).resolve() == lite_dir()
+__all__ = ["LITE", "LITE_SIZE", "decode_latents", "encode_latents", "is_lite", "lite_dir", "load_lite_flux",
+           "load_lite_sd", "load_lite_vae", "resolve_model"]
 
 
 def load_lite_vae() -> AutoencoderKL:

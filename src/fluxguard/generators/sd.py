@@ -179,7 +179,7 @@ class SDBackend:
         """
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-        from fluxguard.generators.lite import resolve_model
+        from fluxguard.generators.lite_files import resolve_model
 
         model = resolve_model(model)
         dev = _resolve_device(device)
