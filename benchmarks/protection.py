@@ -10,11 +10,17 @@ Rows:
   fluxguard-low  Flux-Guard, strength "low" (5 Adam iterations per attacked step, w_max 0.5): higher quality
   fluxguard-matched  Flux-Guard "low" with w_max lowered until the face SSIM is >= --ssim, chosen on the same
                calib-split photos the same way as pgd-matched: both methods at the same quality
+  fluxguard-noattack  control: Flux-Guard with its adversarial stage off (adam_steps=0): inversion and
+               regeneration only, so the generator's own change is told apart from the attack's
+  wdp-noattack control: WDP with its adversarial stage off (prot_steps=0): null-text inversion and regeneration
+               (PGD needs no such row: with its attack off it returns the photo, the clean control every table has)
 
 One table: black-box PSR (per judge at FAR 1e-2 and the mean at 1e-1 / 1e-2 / 1e-3) for dodging and
-impersonation, image quality (face and photo SSIM / PSNR) and seconds per protected face; written as JSON + Markdown
-to benchmarks/results/protection.{json,md}. Per-row runs (protected photos of real faces, caches, HTML reports) live
-in --work, outside the repository; re-running resumes them.
+impersonation, with the mean's 95 % interval (Wilson over identities, ``fluxguard.eval.psr.rate_interval``) and each
+identity's own rate (``per_identity``), image quality (face and photo SSIM / PSNR) and seconds per protected face,
+closed by the controls (the clean photo; the ``-noattack`` rows, or a line saying they were not measured); written
+as JSON + Markdown to benchmarks/results/protection.{json,md}. Per-row runs (protected photos of real faces, caches,
+HTML reports) live in --work, outside the repository; re-running resumes them.
 
     python benchmarks/protection.py --limit 20                     # every available row
     python benchmarks/protection.py --limit 10 --rows pgd,pgd-matched --no-robustness
@@ -61,7 +67,13 @@ def rows_spec(extra: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "fluxguard-low": {"method": "fluxguard", "params": {"strength": "low"}, "needs_lite": True},
         "fluxguard-matched": {"method": "fluxguard", "params": {"strength": "low"}, "matched": True,
                               "needs_lite": True},
+        "fluxguard-noattack": {"method": "fluxguard", "params": {"adam_steps": 0}, "needs_lite": True},
+        "wdp-noattack": {"method": "wdp", "params": {"prot_steps": 0}, "needs_lite": True},
     }
+
+
+# the attack-off control of each generator method (PGD's is the clean photo itself)
+CONTROLS = {"fluxguard": "fluxguard-noattack", "wdp": "wdp-noattack"}
 
 
 def calib_faces(data: Path, n: int) -> list[tuple[Path, Any]]:
@@ -135,15 +147,60 @@ def _grid_label(method: str, value: float) -> str:
     return f"{round(value * 255)}/255" if method == "pgd" else f"{value:g}"
 
 
+def per_identity(res: dict[str, Any], mode: str) -> dict[str, dict[str, dict[str, float]]]:
+    """Each identity's mean-over-judges PSR at every FAR, protected and clean: the independent units behind the
+    mean's interval (every black-box judge scores the same identities). ``{"protected"|"clean": {identity: {FAR:
+    rate}}}``; the mean over identities is the table's mean PSR when every judge scores every identity."""
+    from fluxguard.eval.psr import success
+
+    judges = {j: v["thresholds"] for j, v in res["protocol"]["judges"].items()}
+    black = list(res["psr"][mode]["black_box"])
+    prot: dict[str, dict[str, dict[str, list[bool]]]] = {}
+    for it in res["items"]:
+        if it["mode"] != mode:
+            continue
+        for j, v in it["judges"].items():
+            if j in black and not v["white_box"]:
+                cos = it["scores"]["protected"][j]
+                for far, th in judges[j].items():
+                    prot.setdefault(it["identity"], {}).setdefault(far, {}).setdefault(j, []).append(
+                        bool(success(cos, th, mode)))
+    out: dict[str, dict[str, dict[str, float]]] = {"protected": {}, "clean": {}}
+    for ident, by_far in prot.items():
+        out["protected"][ident] = {f: sum(sum(v) / len(v) for v in by_j.values()) / len(by_j)
+                                   for f, by_j in by_far.items()}
+    for ident, rec in res["clean"].items():
+        cos = {j: c for j, c in rec[mode]["plain"].items() if j in black and c is not None}
+        if cos:
+            out["clean"][ident] = {f: sum(bool(success(c, judges[j][f], mode)) for j, c in cos.items()) / len(cos)
+                                   for f in judges[next(iter(cos))]}
+    return out
+
+
+def _ci95(rates: dict[str, float], n: int) -> dict[str, list[float] | None]:
+    """FAR -> [low, high] of the 95 % Wilson interval over ``n`` identities (None for a missing rate)."""
+    from fluxguard.eval.psr import rate_interval
+
+    out: dict[str, list[float] | None] = {}
+    for f, v in rates.items():
+        iv = rate_interval(v, n) if v is not None and v == v and n > 0 else None
+        out[f] = [iv.low, iv.high] if iv else None
+    return out
+
+
 def summary_row(name: str, res: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    n = res["protocol"]["n_identities"]
     row: dict[str, Any] = {"row": name, "method": res["method"], "params": res["params"], **extra,
-                           "n_identities": res["protocol"]["n_identities"], "modes": {}}
+                           "n_identities": n, "modes": {}}
     for mode, block in res["psr"].items():
         row["modes"][mode] = {
             "judges": {j: {"psr": r["psr"], "clean_psr": r["clean_psr"], "n": r["n"], "extra": r["extra"]}
                        for j, r in block["black_box"].items()},
             "mean": block["mean"]["psr"],
             "clean_mean": block["mean"]["clean_psr"],
+            "mean_ci95": _ci95(block["mean"]["psr"], n),
+            "clean_mean_ci95": _ci95(block["mean"]["clean_psr"], n),
+            "per_identity": per_identity(res, mode),
             "mean_zoo_rotation": block["mean_zoo_rotation"]["psr"],
             "quality": res["quality"][mode],
         }
@@ -169,6 +226,19 @@ def _f(v: float | None, d: int = 3) -> str:
     return "–" if v is None else f"{v:.{d}f}"
 
 
+def _ci(rate: float | None, stored: list[float] | None, n: int) -> str:
+    """``64.6 [28.5, 89.3]``: the rate and its 95 % interval over ``n`` identities (computed for reports written
+    before the interval was stored)."""
+    if rate is None or rate != rate:
+        return "–"
+    if stored is None:
+        from fluxguard.eval.psr import rate_interval
+
+        iv = rate_interval(rate, n)
+        stored = [iv.low, iv.high]
+    return f"{_pct(rate)} [{_pct(stored[0])}, {_pct(stored[1])}]"
+
+
 def markdown(report: dict[str, Any]) -> str:
     rows = [r for r in report["rows"] if "modes" in r]
     judges: list[str] = []
@@ -177,7 +247,8 @@ def markdown(report: dict[str, Any]) -> str:
             judges += [j for j in m["judges"] if j not in judges]
     held_out = {j for r in rows for m in r["modes"].values() for j, v in m["judges"].items() if v["extra"]}
     head = ["row", "mode", *[f"{j}{' †' if j in held_out else ''} @1e-2" for j in judges], "mean @1e-1",
-            "mean @1e-2", "mean @1e-3", "face SSIM", "face PSNR", "photo SSIM", "photo PSNR", "s/face"]
+            "mean @1e-2", "mean @1e-3", "mean @1e-2, 95 % CI", "face SSIM", "face PSNR", "photo SSIM",
+            "photo PSNR", "s/face"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         for mode, m in r["modes"].items():
@@ -186,14 +257,23 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append("| " + " | ".join([
                 label, mode, *[_pct(m["judges"].get(j, {}).get("psr", {}).get("1e-2")) for j in judges],
                 *[f"{_pct(m['mean'].get(f))} ({_pct(m['clean_mean'].get(f))})" for f in FARS],
+                _ci(m["mean"].get("1e-2"), m.get("mean_ci95", {}).get("1e-2"), r["n_identities"]),
                 _f(q["face"]["ssim"]), _f(q["face"]["psnr"], 2),
                 _f(q["photo"]["ssim"]), _f(q["photo"]["psnr"], 2), _f(r["seconds_per_face"], 1)]) + " |")
     if rows:
+        # controls: each generator method with its attack off (when not measured, say so), then the clean photo
+        missing = [CONTROLS[m] for m in dict.fromkeys(r["method"] for r in rows)
+                   if m in CONTROLS and CONTROLS[m] not in {r["row"] for r in rows}]
         for mode, m in rows[0]["modes"].items():
+            for name in missing:
+                lines.append("| " + " | ".join([f"{name} (control: attack off)", mode, "not measured in this file",
+                                                *["–"] * (len(head) - 3)]) + " |")
             lines.append("| " + " | ".join([
                 "clean (unprotected)", mode, *[_pct(m["judges"].get(j, {}).get("clean_psr", {}).get("1e-2"))
                                                for j in judges],
-                *[_pct(m["clean_mean"].get(f)) for f in FARS], "1", "∞", "1", "∞", "–"]) + " |")
+                *[_pct(m["clean_mean"].get(f)) for f in FARS],
+                _ci(m["clean_mean"].get("1e-2"), m.get("clean_mean_ci95", {}).get("1e-2"), rows[0]["n_identities"]),
+                "1", "∞", "1", "∞", "–"]) + " |")
     env = report["environment"]
     commands = list(dict.fromkeys(r.get("command", report["command"]) for r in report["rows"]))
     limits = sorted({r["n_identities"] for r in rows})
@@ -204,7 +284,8 @@ def markdown(report: dict[str, Any]) -> str:
         "modes; PSR = share of protected "
         "faces that the held-out judge no longer matches to another photo of the person (dodging) / matches to "
         "the target's test photo (impersonation); † = extra judge outside the attack zoo; mean = over every judge "
-        "listed, with the clean (unprotected) rate in brackets. Quality on the face box "
+        "listed, with the clean (unprotected) rate in brackets; 95 % CI = Wilson interval over identities (the "
+        "judges score the same identities, so identities are the independent units). Quality on the face box "
         "and the whole photo. "
         f"Machine: {env['machine']}, {env['cpus']} CPUs shared with other jobs (load {env['load']}), torch "
         f"{env['torch']}, {env['threads']} thread(s); {report['started']}.", "",
@@ -243,9 +324,11 @@ def markdown(report: dict[str, Any]) -> str:
     out += [f"- {r['row']}: {r['method']} {json.dumps(r['params'], sort_keys=True)}, {r['n_identities']} identities, "
             f"{r.get('wall_seconds', '–')} s wall for the last invocation (cached work is resumed)" for r in rows]
     out.append("")
-    notes = list(dict.fromkeys(n for r in rows for n in r.get("notes", [])))
+    # a run's note holds for the rows of that run only (e.g. "purification check not run" above a purification
+    # table filled by other rows): name them
+    notes = {n: [r["row"] for r in rows if n in r.get("notes", [])] for r in rows for n in r.get("notes", [])}
     if notes:
-        out += [f"- {n}" for n in notes] + [""]
+        out += [f"- {', '.join(names)}: {n}" for n, names in notes.items()] + [""]
     out += [f"Note: {n}" for n in report.get("notes", [])] + ([""] if report.get("notes") else [])
     skipped = [r for r in report["rows"] if "modes" not in r]
     if skipped:

@@ -10,7 +10,7 @@ underestimated.
 its numbers say nothing about GPU speed).
 
     python benchmarks/wdp_gpu.py                 # on a CUDA machine
-    python benchmarks/wdp_gpu.py --tiny          # anywhere, ~10 s a face on 1 CPU thread
+    python benchmarks/wdp_gpu.py --tiny          # anywhere, ~14 s a face on 1 CPU thread (results/wdp_gpu_tiny.md)
 
 Writes ``benchmarks/results/wdp_gpu[_tiny].json`` and ``.md``.
 """

@@ -5,7 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fluxguard.eval.psr import leave_one_out, psr, psr_row, success, threshold_at_far, verification_stats
+from fluxguard.eval.psr import (
+    RateInterval,
+    leave_one_out,
+    psr,
+    psr_row,
+    rate_interval,
+    success,
+    threshold_at_far,
+    verification_stats,
+    wilson_interval,
+)
 from fluxguard.eval.quality import quality_report
 from fluxguard.eval.robustness import TRANSFORMS
 
@@ -85,3 +95,41 @@ def test_robustness_transforms_shapes(astronaut: np.ndarray) -> None:
     assert TRANSFORMS["crop0.9"](astronaut).shape[:2] == (461, 461)
     big = np.zeros((2000, 3000, 3), np.uint8)
     assert TRANSFORMS["social"](big).shape[:2] == (720, 1080)
+
+
+def test_wilson_interval_known_values() -> None:
+    assert wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=5e-5)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=5e-5)
+    assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=5e-5)
+    assert wilson_interval(1, 2) == pytest.approx((0.0945, 0.9055), abs=5e-5)
+    lo, hi = wilson_interval(3.875, 6)  # a fractional count: the mean of 6 units in [0, 1]
+    assert 0 < lo < 3.875 / 6 < hi < 1
+    for bad in ((1, 0), (-1, 5), (6, 5)):
+        with pytest.raises(ValueError):
+            wilson_interval(*bad)
+
+
+def test_wilson_interval_covers_at_least_nominal_rate() -> None:
+    # exact coverage over every outcome of Binomial(n, p): the Wilson interval stays near 95 % even at n = 6
+    from math import comb
+
+    for n in (6, 12, 50):
+        for p in (0.1, 0.3, 0.5, 0.8):
+            cover = sum(comb(n, k) * p**k * (1 - p) ** (n - k)
+                        for k in range(n + 1) if wilson_interval(k, n)[0] <= p <= wilson_interval(k, n)[1])
+            assert cover > 0.88, (n, p, cover)
+
+
+def test_rate_interval_and_win_rule() -> None:
+    a = rate_interval(0.8, 10)
+    assert isinstance(a, RateInterval) and a.n == 10 and a.value == 0.8
+    assert (a.low, a.high) == pytest.approx(wilson_interval(8, 10))
+    b = rate_interval(0.1, 10)
+    assert a.low > b.high and a.beats(b) and not b.beats(a) and not a.overlaps(b)
+    c = rate_interval(0.5, 10)  # overlaps both: neither is a win
+    assert c.overlaps(a) and c.overlaps(b) and not a.beats(c) and not c.beats(b)
+    assert rate_interval(1.0, 6).high == 1.0 and rate_interval(0.0, 6).low == 0.0
+    with pytest.raises(ValueError):
+        rate_interval(float("nan"), 6)
+    with pytest.raises(ValueError):
+        rate_interval(1.5, 6)

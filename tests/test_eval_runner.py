@@ -290,7 +290,6 @@ def test_match_face_follows_resize_and_centre_crop() -> None:
 @pytest.mark.data
 @pytest.mark.slow
 def test_cli_evaluate_pgd_end_to_end(faces_dir, tmp_path) -> None:
-    pytest.importorskip("fluxguard.faces.detect", reason="the face detector (branch detector) is not merged yet")
     out = tmp_path / "pgd"
     cmd = [sys.executable, "-m", "fluxguard", "evaluate", "--method", "pgd", "--data", str(faces_dir), "--out",
            str(out), "--limit", "2", "--param", "steps=2", "--no-robustness", "--purification", "none"]

@@ -294,8 +294,9 @@ def test_cli_faces_json(tmp_path: Path) -> None:
 # --- real photos ------------------------------------------------------------------------------------------------
 
 
-# benchmarks/detectors.py measured 97.8 % on this subset (every 20th identity photo: 91 of 93) and 98.2 % on all
-# 1850; the floor leaves ~5 points (4 photos) for other builds of torch/OpenCV.
+# This test measured 97.8 % on its subset (every 20th identity photo: 91 of 93); benchmarks/detectors.py measured
+# 98.2 % on all 1850 (benchmarks/results/detectors.md). The floor leaves ~5 points (4 photos) for other builds of
+# torch/OpenCV.
 IDENTITY_EXACTLY_ONE_FLOOR = 0.93
 
 

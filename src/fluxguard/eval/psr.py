@@ -9,6 +9,7 @@ Black-box by default: for each judged model the method attacks with the zoo minu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -75,6 +76,74 @@ def psr_row(judge: str, mode: str, protected: Sequence[float], clean: Sequence[f
         clean={f: psr(clean, thresholds[f], mode) for f in fars},
         white_box=white_box,
     )
+
+
+# ------------------------------------------------------------------------------------------- uncertainty
+Z95 = 1.959963984540054  # two-sided 95 % normal quantile
+
+
+def wilson_interval(successes: float, n: float, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``successes / n`` (95 % by default).
+
+    ``successes`` may be fractional: for a mean of ``n`` independent units that each lie in [0, 1] (an identity's
+    share of judges fooled), the variance is at most ``p (1 - p) / n``, so the same interval is conservative.
+
+    Example:
+        >>> [round(v, 3) for v in wilson_interval(8, 10)]
+        [0.49, 0.943]
+
+    Reference: E. B. Wilson, "Probable inference, the law of succession, and statistical inference", JASA 1927.
+    """
+    if n <= 0:
+        raise ValueError(f"need n > 0, got {n}")
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must be in [0, n={n}], got {successes}")
+    p = successes / n
+    z2 = z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    # at p = 0 or 1 the bound is exact; clip the rounding error that would put it a hair outside [0, 1]
+    return max(0.0, centre - half) if p > 0 else 0.0, min(1.0, centre + half) if p < 1 else 1.0
+
+
+@dataclass(frozen=True)
+class RateInterval:
+    """A rate (0..1) with its 95 % interval and the number of independent units it was measured on."""
+
+    value: float
+    low: float
+    high: float
+    n: int
+
+    def beats(self, other: RateInterval) -> bool:
+        """True only when this rate is higher and the two intervals do not overlap."""
+        return self.low > other.high
+
+    def overlaps(self, other: RateInterval) -> bool:
+        return not (self.beats(other) or other.beats(self))
+
+
+def rate_interval(rate: float, n_units: int, z: float = Z95) -> RateInterval:
+    """The Wilson interval of a rate measured on ``n_units`` independent units (see :func:`wilson_interval`).
+
+    For the benchmark's mean-over-judges PSR the unit is the *identity*: every judge scores the same identities, so
+    the judges' verdicts on one identity are correlated and the 6 judges x 6 identities of a table row are not 36
+    independent trials. The mean PSR equals the mean over identities of each identity's share of (judge, photo)
+    verdicts that succeed, a number in [0, 1]; with ``n_units`` = identities the Wilson interval is valid whatever
+    the correlation between judges (it assumes the worst case, judges that always agree), hence conservative.
+
+    Why not a bootstrap over identities: at the 3-12 identities these CPU benchmarks afford, a percentile bootstrap
+    under-covers (it cannot show variation the few identities lack, and collapses to a zero-width interval when
+    every identity succeeds), while the score interval keeps its small-sample behaviour and needs only the rate and
+    the count, which every results file stores. Per-identity rates (``per_identity`` in the benchmark summaries
+    written since) allow a tighter, design-effect interval later.
+    """
+    if not math.isfinite(rate):
+        raise ValueError(f"rate must be finite, got {rate}")
+    if not -1e-9 <= rate <= 1 + 1e-9:
+        raise ValueError(f"rate must be in [0, 1], got {rate}")
+    low, high = wilson_interval(min(max(rate, 0.0), 1.0) * n_units, n_units, z)
+    return RateInterval(rate, low, high, int(n_units))
 
 
 def threshold_at_far(impostor_scores: Sequence[float], far: float) -> float:

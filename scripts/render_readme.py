@@ -1,0 +1,765 @@
+"""Render README.md's benchmark figures from the results files, so that no measured number is typed by hand.
+
+Two kinds of generated text in README.md; everything else there is hand-written:
+
+* blocks (tables): the lines between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``, rendered by the
+  function registered with ``@block("NAME")``;
+* inline figures inside prose: ``<!-- f:NAME -->value<!-- /f -->``, the value rendered by ``@figure("NAME")``.
+  Markdown hides the comments; a marker must not start a line (that would open an HTML block).
+
+Sources: ``benchmarks/results/*.json``, ``docs/images/*.json``, ``src/fluxguard/recognition/thresholds.json`` and
+the shipped ``src/fluxguard/weights/lite/`` folder (its size). Every PSR is shown with its 95 % interval (Wilson
+over identities, :func:`fluxguard.eval.psr.rate_interval`), and a sentence says one method beats another only when
+the intervals do not overlap (:meth:`~fluxguard.eval.psr.RateInterval.beats`). A protection table lists its
+controls: the clean photo and each generator method with its attack off (``<method>-noattack`` rows of
+``benchmarks/protection.py``; "not measured in this file" where the file has none).
+
+    python scripts/render_readme.py            # rewrite README.md in place
+    python scripts/render_readme.py --check    # exit 1 and print a diff when README.md differs from the results
+
+To add a figure: write ``@figure("area.what") def _(r: Results) -> str`` reading ``r.json("benchmarks/results/
+x.json")``, put ``<!-- f:area.what --><!-- /f -->`` in README.md and run the script to fill it in. An unknown name,
+an unclosed marker or a marker at the start of a line is an error. The output depends only on the files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import functools
+import json
+import math
+import re
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from fluxguard.eval.psr import RateInterval, rate_interval, success  # noqa: E402
+
+BLOCK_RE = re.compile(r"^<!-- results:([\w.-]+) -->\n(.*?)^<!-- /results:\1 -->$", re.MULTILINE | re.DOTALL)
+FIGURE_RE = re.compile(r"<!-- f:([\w.-]+) -->(.*?)<!-- /f -->", re.DOTALL)
+FIGURES: dict[str, Callable[[Results], str]] = {}
+BLOCKS: dict[str, Callable[[Results], str]] = {}
+
+PROTECTION = "benchmarks/results/protection.json"
+MATCHED12 = "benchmarks/results/protection_matched12.json"
+PURIFICATION = "benchmarks/results/protection_purification.json"
+EXAMPLE = "docs/images/astronaut_pgd_medium.json"
+THRESHOLDS = "src/fluxguard/recognition/thresholds.json"
+NOT_MEASURED = "*not measured in this file*"
+WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve")
+MODE_WORDS = {"dodge": "dodging", "impersonate": "impersonation"}
+
+
+class RenderError(ValueError):
+    """README.md and the renderer disagree on structure (unknown name, unclosed marker, ...)."""
+
+
+def figure(name: str) -> Callable[[Callable[[Results], str]], Callable[[Results], str]]:
+    def register(fn: Callable[[Results], str]) -> Callable[[Results], str]:
+        FIGURES[name] = fn
+        return fn
+
+    return register
+
+
+def block(name: str) -> Callable[[Callable[[Results], str]], Callable[[Results], str]]:
+    def register(fn: Callable[[Results], str]) -> Callable[[Results], str]:
+        BLOCKS[name] = fn
+        return fn
+
+    return register
+
+
+class Results:
+    """Read-only access to the repository's results files (parsed once)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @functools.cache  # noqa: B019 (one instance per run)
+    def json(self, rel: str) -> Any:
+        return json.loads((self.root / rel).read_text())
+
+    @functools.cache  # noqa: B019
+    def protection(self, rel: str) -> ProtectionFile:
+        return ProtectionFile(rel, self.json(rel))
+
+
+class ProtectionFile:
+    """One ``benchmarks/protection.py`` report: rows by name, PSR with intervals, the controls."""
+
+    def __init__(self, rel: str, report: dict[str, Any]) -> None:
+        self.rel = rel
+        self.rows = {r["row"]: r for r in report["rows"] if "modes" in r}
+
+    def row(self, name: str) -> dict[str, Any]:
+        if name not in self.rows:
+            raise RenderError(f"{self.rel} has no row {name!r} (rows: {', '.join(self.rows)})")
+        return self.rows[name]
+
+    def psr(self, name: str, mode: str, far: str = "1e-2") -> RateInterval:
+        r = self.row(name)
+        return rate_interval(r["modes"][mode]["mean"][far], r["n_identities"])
+
+    def clean(self, mode: str, far: str = "1e-2") -> RateInterval:
+        """The unprotected photos scored the same way; every row of a file shares them (checked)."""
+        values = {(r["modes"][mode]["clean_mean"][far], r["n_identities"]) for r in self.rows.values()
+                  if mode in r["modes"]}
+        if len(values) != 1:
+            raise RenderError(f"{self.rel}: the rows disagree on the clean {mode} rate @{far}: {sorted(values)}")
+        ((value, n),) = values
+        return rate_interval(value, n)
+
+    def identities(self) -> int:
+        ns = {r["n_identities"] for r in self.rows.values()}
+        if len(ns) != 1:
+            raise RenderError(f"{self.rel}: rows on different numbers of identities {sorted(ns)}")
+        return ns.pop()
+
+    def face_ssim(self, name: str, mode: str = "dodge") -> float:
+        return self.row(name)["modes"][mode]["quality"]["face"]["ssim"]
+
+
+# ------------------------------------------------------------------------------------------------ formatting
+def pct(v: float, digits: int = 1) -> str:
+    return f"{100 * v:.{digits}f}"
+
+
+def ci(iv: RateInterval, digits: int = 1) -> str:
+    """``64.6 [28.7, 88.5]``: the rate and its 95 % interval, in percent."""
+    return f"{pct(iv.value, digits)} [{pct(iv.low, digits)}, {pct(iv.high, digits)}]"
+
+
+def word(n: int) -> str:
+    return WORDS[n] if 0 <= n < len(WORDS) else str(n)
+
+
+def eps255(eps: float) -> str:
+    return f"{round(eps * 255)}/255"
+
+
+def span(values: Iterable[float]) -> str:
+    """``97-100``: the range of percentages (rounded)."""
+    v = [100 * x for x in values]
+    lo, hi = f"{min(v):.0f}", f"{max(v):.0f}"
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
+def share_words(share: float) -> str:
+    """``about half`` for 0.48; the nearest simple fraction within 0.05, else a percentage."""
+    named = {0.0: "none", 0.25: "about a quarter", 1 / 3: "about a third", 0.5: "about half",
+             2 / 3: "about two thirds", 0.75: "about three quarters", 1.0: "all"}
+    best = min(named, key=lambda f: abs(f - share))
+    return named[best] if abs(best - share) <= 0.05 else f"about {100 * share:.0f} %"
+
+
+def table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def verdict(pairs: list[tuple[str, RateInterval, RateInterval]], names: tuple[str, str]) -> str:
+    """What the intervals allow one to say about ``(label, a, b)`` pairs: a difference is a lead only when the two
+    95 % intervals do not overlap (:meth:`RateInterval.beats`), otherwise it is within noise."""
+    wins = [label for label, a, b in pairs if a.beats(b)]
+    losses = [label for label, a, b in pairs if b.beats(a)]
+    n = sorted({iv.n for _, a, b in pairs for iv in (a, b)})
+    if not wins and not losses:
+        return f"every difference is within noise on {' / '.join(map(str, n))} identities (the 95 % intervals overlap)"
+    if len(wins) == len(pairs):
+        return f"{names[0]} is ahead in every case (the 95 % intervals do not overlap)"
+    said = [f"{names[0]} is ahead for {', '.join(wins)}"] if wins else []
+    said += [f"{names[1]} is ahead for {', '.join(losses)}"] if losses else []
+    return "; ".join(said) + " (95 % intervals apart); the other differences are within noise"
+
+
+def compare(f: ProtectionFile, a: str, b: str, names: tuple[str, str], cells: Iterable[tuple[str, str]]) -> str:
+    """``dodging PSR @1e-1 44.4 [..] against 18.1 [..], ...: <verdict>`` for rows ``a`` and ``b`` of one file."""
+    parts: dict[str, list[str]] = {}
+    pairs = []
+    for mode, far in cells:
+        x, y = f.psr(a, mode, far), f.psr(b, mode, far)
+        parts.setdefault(mode, []).append(f"@{far} {ci(x)} against {ci(y)}")
+        pairs.append((f"{MODE_WORDS[mode]} @{far}", x, y))
+    text = "; ".join(f"{MODE_WORDS[m]} PSR {', '.join(p)}" for m, p in parts.items())
+    return f"{text}: {verdict(pairs, names)}"
+
+
+# ------------------------------------------------------------------------------------------------ protection
+ROW_ORDER = ("pgd-plain", "pgd", "pgd-matched", "fluxguard-matched", "fluxguard-low", "fluxguard", "wdp")
+ROW_LABELS = {
+    "pgd-plain": "pgd-plain ({eps}, {steps} steps)",
+    "pgd": "pgd, MI-FGSM + DI ({eps}, {steps} steps)",
+    "pgd-matched": "pgd at matched quality ({eps})",
+    "fluxguard-matched": "fluxguard, lite, matched quality (low, w_max {w_max})",
+    "fluxguard-low": "fluxguard, lite, low",
+    "fluxguard": "fluxguard, lite (default)",
+    "wdp": "wdp, lite",
+}
+CONTROL_LABELS = {"fluxguard": "control: fluxguard, attack off (reconstruction only)",
+                  "wdp": "control: wdp, attack off (reconstruction only)"}
+
+
+def _label(r: dict[str, Any]) -> str:
+    p = r["params"]
+    fmt = {"eps": eps255(p["eps"]) if "eps" in p else "", "steps": p.get("steps", ""),
+           "w_max": f"{p['w_max']:g}" if "w_max" in p else ""}
+    return ROW_LABELS.get(r["row"], r["row"]).format(**fmt)
+
+
+def _generators(f: ProtectionFile) -> list[str]:
+    """The methods of the file's rows that have an attack-off control (PGD's is the clean photo)."""
+    return [m for m in CONTROL_LABELS if any(r["method"] == m for r in f.rows.values())]
+
+
+def protection_table(f: ProtectionFile) -> str:
+    """Rows in both modes, each mode closed by its controls: the generator methods with their attack off and the
+    clean photo."""
+    names = sorted((n for n in f.rows if not n.endswith("-noattack")),
+                   key=lambda n: (ROW_ORDER.index(n) if n in ROW_ORDER else len(ROW_ORDER), n))
+    generators = _generators(f)
+    modes = list(dict.fromkeys(m for n in names for m in f.rows[n]["modes"]))
+    head = ["method", "mode", "identities", "PSR @FAR 1e-1", "PSR @1e-2", "face SSIM", "face PSNR", "s/face"]
+    out = []
+    for mode in modes:
+        for n in names:
+            r = f.rows[n]
+            if mode not in r["modes"]:
+                continue
+            q = r["modes"][mode]["quality"]["face"]
+            out.append([_label(r), mode, str(r["n_identities"]), ci(f.psr(n, mode, "1e-1")), ci(f.psr(n, mode)),
+                        f"{q['ssim']:.3f}", f"{q['psnr']:.1f}", f"{r['seconds_per_face']:.1f}"])
+        for m in generators:
+            ctrl = f.rows.get(f"{m}-noattack")
+            if ctrl is None or mode not in ctrl["modes"]:
+                out.append([CONTROL_LABELS[m], mode, "–", NOT_MEASURED, NOT_MEASURED, "–", "–", "–"])
+                continue
+            q = ctrl["modes"][mode]["quality"]["face"]
+            name = f"{m}-noattack"
+            out.append([CONTROL_LABELS[m], mode, str(ctrl["n_identities"]), ci(f.psr(name, mode, "1e-1")),
+                        ci(f.psr(name, mode)), f"{q['ssim']:.3f}", f"{q['psnr']:.1f}",
+                        f"{ctrl['seconds_per_face']:.1f}"])
+        out.append(["control: clean photo (unprotected)", mode, str(f.clean(mode).n), ci(f.clean(mode, "1e-1")),
+                    ci(f.clean(mode)), "1", "∞", "–"])
+    return table(head, out)
+
+
+@block("protection")
+def _(r: Results) -> str:
+    threads = r.json(PROTECTION)["environment"]["threads"]
+    text = protection_table(r.protection(PROTECTION))
+    f = r.protection(PROTECTION)
+    missing = [f"{m}-noattack" for m in _generators(f) if f"{m}-noattack" not in f.rows]
+    return text + (
+        "\n\nPSR in %, with its 95 % Wilson interval over identities in brackets. s/face is wall time per "
+        f"protected face on {word(threads)} thread{'s' if threads != 1 else ''} under varying load from other jobs "
+        "(notes in the file): not a speed comparison between rows." + "".join(
+            f" `python benchmarks/protection.py --limit {f.identities()} --rows {n} --append` adds the missing "
+            f"{n} control." for n in missing))
+
+
+@figure("protection.identities")
+def _(r: Results) -> str:
+    return str(r.protection(PROTECTION).identities())
+
+
+@figure("protection.pgd_steps")
+def _(r: Results) -> str:
+    p = r.protection(PROTECTION).row("pgd")["params"]
+    return f"{p['steps']} steps of {eps255(p['step_size'])}"
+
+
+@figure("robustness.kept")
+def _(r: Results) -> str:
+    f = r.protection(PROTECTION)
+
+    def kept(name: str, mode: str) -> str:
+        rob = f.row(name)["robustness"][mode]
+        return span(d["kept"]["1e-2"] for d in rob.values())
+
+    return (f"Flux-Guard (default) keeps {kept('fluxguard', 'dodge')} % of its dodging PSR and "
+            f"{kept('fluxguard', 'impersonate')} % of its impersonation PSR, at `low` "
+            f"{kept('fluxguard-low', 'dodge')} % and {kept('fluxguard-low', 'impersonate')} %")
+
+
+# matched quality -------------------------------------------------------------------------------------------
+def _matched(f: ProtectionFile) -> dict[str, Any]:
+    a, b = f.row("fluxguard-matched")["matched"], f.row("pgd-matched")["matched"]
+    if a["target_ssim"] != b["target_ssim"] or len(a["calib_photos"]) != len(b["calib_photos"]):
+        raise RenderError(f"{f.rel}: the matched rows were chosen differently ({a['target_ssim']}, "
+                          f"{b['target_ssim']})")
+    return a
+
+
+CELLS = [(m, far) for m in ("dodge", "impersonate") for far in ("1e-1", "1e-2")]
+
+
+@figure("matched.target_ssim")
+def _(r: Results) -> str:
+    return f"{_matched(r.protection(PROTECTION))['target_ssim']:g}"
+
+
+@figure("matched.calib_photos")
+def _(r: Results) -> str:
+    return word(len(_matched(r.protection(PROTECTION))["calib_photos"]))
+
+
+@figure("matched.ssim_pgd")
+def _(r: Results) -> str:
+    return f"{r.protection(PROTECTION).face_ssim('pgd-matched'):.3f}"
+
+
+@figure("matched.ssim_fluxguard")
+def _(r: Results) -> str:
+    return f"{r.protection(PROTECTION).face_ssim('fluxguard-matched'):.3f}"
+
+
+@figure("matched.comparison")
+def _(r: Results) -> str:
+    return compare(r.protection(PROTECTION), "fluxguard-matched", "pgd-matched", ("Flux-Guard", "PGD"), CELLS)
+
+
+@figure("matched12.identities")
+def _(r: Results) -> str:
+    return str(r.protection(MATCHED12).identities())
+
+
+@figure("matched12.more")
+def _(r: Results) -> str:
+    return str(r.protection(MATCHED12).identities() - r.protection(PROTECTION).identities())
+
+
+@figure("matched12.ssim")
+def _(r: Results) -> str:
+    f = r.protection(MATCHED12)
+    fg, pgd = (f.face_ssim("fluxguard-matched"), f.face_ssim("fluxguard-matched", "impersonate")), (
+        f.face_ssim("pgd-matched"), f.face_ssim("pgd-matched", "impersonate"))
+    return f"{fg[0]:.3f} (impersonation {fg[1]:.3f}) for Flux-Guard and {pgd[0]:.3f} ({pgd[1]:.3f}) for PGD"
+
+
+@figure("matched12.comparison")
+def _(r: Results) -> str:
+    return compare(r.protection(MATCHED12), "fluxguard-matched", "pgd-matched", ("Flux-Guard", "PGD"), CELLS)
+
+
+# WDP and purification --------------------------------------------------------------------------------------
+def _purification(r: Results) -> ProtectionFile:
+    return r.protection(PURIFICATION)
+
+
+@figure("purification.identities")
+def _(r: Results) -> str:
+    return str(_purification(r).identities())
+
+
+@figure("purification.wdp")
+def _(r: Results) -> str:
+    f = _purification(r)
+    return f"{ci(f.psr('wdp', 'dodge'))} / {ci(f.psr('wdp', 'impersonate'))}"
+
+
+@figure("purification.wdp_ssim")
+def _(r: Results) -> str:
+    f = _purification(r)
+    return f"{f.face_ssim('wdp'):.2f} / {f.face_ssim('wdp', 'impersonate'):.2f}"
+
+
+@figure("purification.wdp_seconds")
+def _(r: Results) -> str:
+    return f"{_purification(r).row('wdp')['seconds_per_face']:.0f}"
+
+
+@figure("purification.vs_fluxguard")
+def _(r: Results) -> str:
+    f = _purification(r)
+    pairs = [(f"{MODE_WORDS[m]} @1e-2", f.psr("wdp", m), f.psr("fluxguard", m)) for m in ("dodge", "impersonate")]
+    return (f"Flux-Guard reaches {' / '.join(ci(b) for _, _, b in pairs)}: "
+            f"{verdict(pairs, ('WDP', 'Flux-Guard'))}")
+
+
+@figure("purification.config")
+def _(r: Results) -> str:
+    cfg = _purification(r).row("wdp")["purification"]["config"]
+    return f"noise to t = {cfg['strength']:g}, {cfg['num_steps']} DDIM steps"
+
+
+@figure("purification.kept")
+def _(r: Results) -> str:
+    f = _purification(r)
+    parts = [f"{pct(f.row(n)['purification']['impersonate']['kept']['1e-2'])} % ({n})"
+             for n in ("wdp", "fluxguard", "pgd")]
+    return f"{parts[0]}, {parts[1]} and {parts[2]}"
+
+
+def _purified(f: ProtectionFile, name: str, mode: str) -> RateInterval:
+    r = f.row(name)
+    return rate_interval(r["purification"][mode]["mean"]["1e-2"], r["n_identities"])
+
+
+@figure("purification.wdp_verdict")
+def _(r: Results) -> str:
+    f = _purification(r)
+    wdp = _purified(f, "wdp", "impersonate")
+    others = [n for n in ("fluxguard", "pgd") if n in f.rows]
+    if all(wdp.beats(_purified(f, n, "impersonate")) for n in others):
+        return "WDP keeps more impersonation PSR after purification than the others (95 % intervals apart)"
+    return "WDP's claimed advantage under purification is not reproduced"
+
+
+@figure("purification.clean_dodge")
+def _(r: Results) -> str:
+    f = _purification(r)
+    after = {d["dodge"]["clean_mean"]["1e-2"] for d in (x["purification"] for x in f.rows.values())}
+    if len(after) != 1:
+        raise RenderError(f"{f.rel}: rows disagree on the clean purified rate {sorted(after)}")
+    return (f"leaves {pct(after.pop())} % of the clean photos unmatched, against {pct(f.clean('dodge').value)} % "
+            "before")
+
+
+@figure("speed.wdp")
+def _(r: Results) -> str:
+    threads = r.json(PURIFICATION)["environment"]["threads"]
+    return (f"{_purification(r).row('wdp')['seconds_per_face']:.0f} s per face on {word(threads)} "
+            f"thread{'s' if threads != 1 else ''}")
+
+
+@figure("speed.wdp_steps")
+def _(r: Results) -> str:
+    return str(_purification(r).row("wdp")["params"]["prot_steps"])
+
+
+# ------------------------------------------------------------------------------------------------ example
+def _example_rows(r: Results) -> list[tuple[str, dict[str, Any], float]]:
+    ex, th = r.json(EXAMPLE), r.json(THRESHOLDS)["models"]
+    return [(m, s, th[m]["thresholds"]["1e-2"]) for m, s in ex["similarity"].items()]
+
+
+@block("example")
+def _(r: Results) -> str:
+    mode = r.json(EXAMPLE)["params"]["mode"]
+    rows, changed = [], []
+    for m, s, t in _example_rows(r):
+        still = not bool(success(s["after"], t, mode))
+        if still != (not bool(success(s["after"], s["threshold_far_1e-2"], mode))):
+            changed.append(m)
+        rows.append([m, f"{s['before']:.3f}", f"{s['after']:.3f}", f"{t:.3f}", "**yes**" if still else "no"])
+    out = table(["FR model", "similarity before", "after", "threshold (FAR 1e-2)", "still matches?"], rows)
+    recorded = [s["threshold_far_1e-2"] for _, s, _ in _example_rows(r)]
+    if any(f"{a:.3f}" != f"{t:.3f}" for a, (_, _, t) in zip(recorded, _example_rows(r), strict=True)):
+        same = "the same verdicts" if not changed else f"the opposite verdict for {', '.join(changed)}"
+        out += ("\n\nThresholds: the shipped calibration (`src/fluxguard/recognition/thresholds.json`); the run "
+                f"recorded an earlier one ({' / '.join(f'{v:.3f}' for v in recorded)}), which gives {same}.")
+    return out
+
+
+@figure("example.command")
+def _(r: Results) -> str:
+    return f"`{r.json(EXAMPLE)['command']}`"
+
+
+@figure("example.setting")
+def _(r: Results) -> str:
+    ex = r.json(EXAMPLE)
+    p = ex["params"]
+    return (f"L-inf {eps255(p['eps'])}, {p['steps']} steps, {MODE_WORDS[p['mode']]}, the {word(len(p['fr_models']))} "
+            f"shipped FR models attacked; {ex['seconds']:.0f} s on {word(ex['torch_threads'])} CPU thread")
+
+
+@figure("example.psnr")
+def _(r: Results) -> str:
+    return f"{r.json(EXAMPLE)['psnr_db']:.1f}"
+
+
+@figure("example.still_matches")
+def _(r: Results) -> str:
+    mode = r.json(EXAMPLE)["params"]["mode"]
+    n = sum(not bool(success(s["after"], t, mode)) for _, s, t in _example_rows(r))
+    return {0: "no model that still matches", 1: "a model that still matches"}.get(n, f"{word(n)} models that "
+                                                                                      "still match")
+
+
+# ------------------------------------------------------------------------------------------------ jpeg quality
+JPEG = "benchmarks/results/jpeg_quality.json"
+
+
+@figure("jpeg.faces")
+def _(r: Results) -> str:
+    return word(r.json(JPEG)["faces"])
+
+
+@figure("jpeg.qualities")
+def _(r: Results) -> str:
+    q = r.json(JPEG)["qualities_that_keep_protection"]
+    return f"{min(q)} to {max(q)}"
+
+
+@figure("jpeg.similarity_gap")
+def _(r: Results) -> str:
+    d = r.json(JPEG)
+    png = d["white_box"]["PNG"]["mean_similarity"]
+    gap = max(abs(d["white_box"][f"JPEG q{q}"]["mean_similarity"] - png) for q in d["qualities_that_keep_protection"])
+    return f"{gap:.2f}"
+
+
+def _no_match(r: Results, key: str) -> RateInterval:
+    d = r.json(JPEG)
+    return rate_interval(d[key]["PNG"]["no_match_rate"], d["faces"])
+
+
+def _pct_ci(iv: RateInterval) -> str:
+    return f"{pct(iv.value, 0)} % [{pct(iv.low, 0)}, {pct(iv.high, 0)}]"
+
+
+@figure("jpeg.no_match_attacked")
+def _(r: Results) -> str:
+    return _pct_ci(_no_match(r, "white_box"))
+
+
+@figure("jpeg.no_match_held_out")
+def _(r: Results) -> str:
+    return _pct_ci(_no_match(r, "held_out_summary"))
+
+
+@figure("jpeg.still_match")
+def _(r: Results) -> str:
+    a, b = _no_match(r, "white_box").value, _no_match(r, "held_out_summary").value
+    return share_words(1 - (a + b) / 2)
+
+
+# ------------------------------------------------------------------------------------------------ speed, lite
+LITE = "benchmarks/results/lite.json"
+
+
+@figure("lite.protect")
+def _(r: Results) -> str:
+    p = r.json(LITE)["protect_512px_photo"]
+    return f"**{p['protect_s']:.1f} s** with {p['threads']} threads (models load in {p['load_s']:.1f} s)"
+
+
+@figure("lite.photo")
+def _(r: Results) -> str:
+    p = r.json(LITE)["protect_512px_photo"]
+    return (f"a {p['photo_px'][0]} px photo with {word(p['faces'])} face{'s' if p['faces'] != 1 else ''}, "
+            f"Flux-Guard on the lite models, all {word(len(p['fr_models']))} shipped FR models attacked")
+
+
+@figure("lite.vae")
+def _(r: Results) -> str:
+    q = r.json(LITE)["quality"]
+    return f"{q['n']} held-out face crops {q['psnr_mean']:.1f} dB PSNR / {q['ssim_mean']:.3f} SSIM"
+
+
+@figure("lite.vae_psnr")
+def _(r: Results) -> str:
+    return f"{r.json(LITE)['quality']['psnr_mean']:.0f}"
+
+
+@figure("lite.size")
+def _(r: Results) -> str:
+    folder = r.root / "src/fluxguard/weights/lite"
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    return f"{size / 1e6:.0f} MB"
+
+
+# ------------------------------------------------------------------------------------------------ FR, detection
+@figure("recognition.tar")
+def _(r: Results) -> str:
+    models = r.json("benchmarks/results/recognition.json")["eval"]["models"]
+    judges = r.protection(PROTECTION).row("pgd")["modes"]["dodge"]["judges"]
+    extra = [m for m in models if judges.get(m, {}).get("extra")]
+    fmt = ", ".join(f"{m} {models[m]['tar']['1e-2']:.3f}" for m in models if m not in extra)
+    held = ", ".join(f"{m} {models[m]['tar']['1e-2']:.3f}" for m in extra)
+    return f"TAR {fmt}" + (f" (held-out judges: {held})" if held else "")
+
+
+@figure("detectors.rate")
+def _(r: Results) -> str:
+    s = r.json("benchmarks/results/detectors.json")["summary"]["overall"]
+    return (f"{pct(s['mtcnn']['exactly_one'])} % of {s['mtcnn']['photos']} identity photos (dlib HOG "
+            f"{pct(s['dlib-hog']['exactly_one'])} %)")
+
+
+# ------------------------------------------------------------------------------------------------ AdvFace
+ADVFACE = ("benchmarks/results/advface.json", "benchmarks/results/advface-mobilefacenet.json",
+           "benchmarks/results/advface-faceres.json")
+
+
+def _advface(r: Results) -> list[dict[str, Any]]:
+    return [m for f in ADVFACE for m in r.json(f)["models"]]
+
+
+@block("advface")
+def _(r: Results) -> str:
+    rows = []
+    for i, m in enumerate(_advface(r)):
+        s = m["settings"]
+
+        def arrow(get: Callable[[dict[str, Any]], float], fmt: str = "{:.3f}", s: dict[str, Any] = s) -> str:
+            return f"{fmt.format(get(s['clean']))} → {fmt.format(get(s['B']))} ({fmt.format(get(s['gauss_B']))})"
+
+        match = (f"{pct(s['clean']['privacy']['match_same'])} → {pct(s['B']['privacy']['match_same'])} % "
+                 f"({pct(s['gauss_B']['privacy']['match_same'])})")
+        faces = f"{m['faces']} faces" if i == 0 else str(m["faces"])
+        rows.append([f"{m['model']} ({faces})", f"{s['B']['protection']['config']['min_cosine']:.3f}",
+                     arrow(lambda x: x["utility"]["tar"]["1e-2"]), arrow(lambda x: x["utility"]["calibrated"]["tar"]),
+                     arrow(lambda x: x["privacy"]["ssim"]), match])
+    return table(["FR model", "cosine floor", "TAR@1e-2 clean → B", "TAR at the calibrated threshold",
+                  "attacker SSIM clean → B", "attacker's same-photo match clean → B"], rows)
+
+
+@figure("advface.budget")
+def _(r: Results) -> str:
+    budgets = {m["settings"]["B"]["protection"]["config"]["budget"] for m in _advface(r)}
+    if len(budgets) != 1:
+        raise RenderError(f"AdvFace results at different budgets {sorted(budgets)}")
+    return f"{budgets.pop():g}"
+
+
+@figure("advface.tar_gap")
+def _(r: Results) -> str:
+    """The largest TAR difference between B and noise of the same size, in points, rounded up."""
+    gaps = []
+    for m in _advface(r):
+        b, g = m["settings"]["B"]["utility"], m["settings"]["gauss_B"]["utility"]
+        gaps += [abs(b["tar"]["1e-2"] - g["tar"]["1e-2"]), abs(b["calibrated"]["tar"] - g["calibrated"]["tar"])]
+    return str(math.ceil(100 * max(gaps)))
+
+
+@figure("advface.weak_attackers")
+def _(r: Results) -> str:
+    by = {m["model"]: m for m in _advface(r)}
+    return span(by[n]["settings"]["clean"]["privacy"]["match_same"] for n in ("dlib-resnet", "mobilefacenet"))
+
+
+@figure("advface.variant_a")
+def _(r: Results) -> str:
+    a = next(m for m in _advface(r) if m["model"] == "mobileface")["settings"]["A"]["privacy"]
+    return f"SSIM {a['ssim']:.3f}, {pct(a['match_same'])} %"
+
+
+# ------------------------------------------------------------------------------------------------ web, scale
+WEB = "benchmarks/results/web_load.json"
+SCALE = "benchmarks/results/scale.json"
+
+
+@figure("web.load")
+def _(r: Results) -> str:
+    w = r.json(WEB)
+    steps = re.search(r"(\d+) steps", w["method"])
+    return f"{w['requests']} requests, {w['concurrency']} at a time, on loopback, pgd {steps.group(1)} steps"
+
+
+@figure("web.verdict")
+def _(r: Results) -> str:
+    w = r.json(WEB)
+    failed = "no request failed" if w["failed"] == 0 else f"{w['failed']} of {w['requests']} requests failed"
+    growth = w["rss_mb"]["growth_after_warmup"]
+    memory = "the server's memory did not grow" if growth <= 0 else f"the server's memory grew by {growth:.0f} MB"
+    return f"{failed} and {memory}"
+
+
+@figure("web.summary")
+def _(r: Results) -> str:
+    w = r.json(WEB)
+    growth = w["rss_mb"]["growth_after_warmup"]
+    memory = "memory flat" if growth <= 0 else f"memory +{growth:.0f} MB"
+    return f"{w['requests']} requests, {w['concurrency']} at a time: {w['failed']} failed, {memory}"
+
+
+@block("scale")
+def _(r: Results) -> str:
+    s = r.json(SCALE)
+    n = {run["photos"] for run in s["runs"]}
+    models = len(re.search(r"judged by ([\w-]+(?:, [\w-]+)*)", s["method"]).group(1).split(", "))
+    steps = re.search(r"(\d+) steps", s["method"]).group(1)
+    head = [f"run ({'/'.join(map(str, sorted(n)))} photos, PGD {steps} steps, {models} FR models)", "wall s",
+            "start-up s", "photos/min", "photos/min after start-up"]
+    rows = [[run["run"], f"{run['wall_s']:.1f}", f"{run['startup_s']:.1f}", f"{run['photos_per_min']:.1f}",
+             f"{run['photos_per_min_after_start']:.1f}"] for run in s["runs"]]
+    return table(head, rows)
+
+
+@figure("scale.speedup")
+def _(r: Results) -> str:
+    local, ray = r.json(SCALE)["runs"][:2]
+    return f"{ray['photos_per_min_after_start'] / local['photos_per_min_after_start']:.1f}x"
+
+
+@figure("scale.startup")
+def _(r: Results) -> str:
+    o = r.json(SCALE)["overhead"]
+    return f"`ray.init` {o['ray_init_s']:.0f} s, then {o['ray_startup_s']:.0f} s per pipeline"
+
+
+@figure("scale.per_photo")
+def _(r: Results) -> str:
+    added = r.json(SCALE)["overhead"]["ray_added_ms_per_photo"]
+    return "none measurable" if added <= 0 else f"{added:.0f} ms per photo"
+
+
+# ------------------------------------------------------------------------------------------------ rendering
+def render(text: str, results: Results) -> str:
+    """README text with every block and inline figure re-rendered from ``results``."""
+    seen_blocks = {m.group(1) for m in BLOCK_RE.finditer(text)}
+    for name in re.findall(r"^<!-- results:([\w.-]+) -->$", text, re.MULTILINE):
+        if name not in seen_blocks:
+            raise RenderError(f"block {name!r} is not closed by <!-- /results:{name} -->")
+    unknown = sorted(seen_blocks - BLOCKS.keys())
+    if unknown:
+        raise RenderError(f"unknown block(s) {unknown}; known: {sorted(BLOCKS)}")
+
+    def fill_block(m: re.Match[str]) -> str:
+        return f"<!-- results:{m.group(1)} -->\n{BLOCKS[m.group(1)](results).rstrip()}\n<!-- /results:{m.group(1)} -->"
+
+    def fill_figure(m: re.Match[str]) -> str:
+        name, old = m.group(1), m.group(2)
+        if name not in FIGURES:
+            raise RenderError(f"unknown figure {name!r}; known: {sorted(FIGURES)}")
+        if "<!--" in old:
+            raise RenderError(f"figure {name!r} is not closed before the next marker")
+        return f"<!-- f:{name} -->{FIGURES[name](results)}<!-- /f -->"
+
+    out = FIGURE_RE.sub(fill_figure, BLOCK_RE.sub(fill_block, text))
+    opened, closed = out.count("<!-- f:"), len(FIGURE_RE.findall(out))
+    if opened != closed:
+        raise RenderError(f"{opened - closed} inline figure marker(s) without <!-- /f -->")
+    for i, line in enumerate(out.splitlines(), 1):
+        if line.lstrip().startswith("<!-- f:"):
+            raise RenderError(f"README line {i} starts with an inline figure marker (Markdown would open an HTML "
+                              "block there): move it inside the sentence")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="do not write; exit 1 with a diff if README.md is stale")
+    ap.add_argument("--root", type=Path, default=ROOT, help="repository root holding README.md and the results")
+    args = ap.parse_args(argv)
+    readme = args.root / "README.md"
+    text = readme.read_text()
+    try:
+        new = render(text, Results(args.root))
+    except (RenderError, KeyError, FileNotFoundError) as e:
+        print(f"render_readme: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    if args.check:
+        if new != text:
+            sys.stdout.writelines(difflib.unified_diff(text.splitlines(True), new.splitlines(True),
+                                                       "README.md", "README.md (from the results files)"))
+            print("\nREADME.md differs from the results files: run python scripts/render_readme.py", file=sys.stderr)
+            return 1
+        return 0
+    if new != text:
+        readme.write_text(new)
+        print(f"rewrote {readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
