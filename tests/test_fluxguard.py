@@ -31,11 +31,9 @@ from fluxguard.methods.fluxguard import (  # noqa: E402
     PAPER_SOURCE_PROMPT,
     FluxGuard,
     FluxGuardConfig,
-    ValueBank,
-    _Installed,
     rf_solver_step,
-    v_injection_blocks,
 )
+from fluxguard.methods.v_injection import ValueBank, VInjection, v_injection_blocks  # noqa: E402
 
 SIZE = 64
 TABLE_512 = [1.0, .9783, .9557, .9323, .9079, .8825, .8560, .8284, .7996, .7695, .7380, .7050, .6704,
@@ -161,7 +159,7 @@ def test_v_injection_stores_and_replays(backend):
     with torch.no_grad():
         plain1 = backend.velocity(z1, 0.4, c, 1.0, SIZE, SIZE)
         plain2 = backend.velocity(z2, 0.4, c, 1.0, SIZE, SIZE)
-        with _Installed(backend.transformer, bank, blocks):
+        with VInjection(backend.transformer, bank, blocks):
             off = backend.velocity(z1, 0.4, c, 1.0, SIZE, SIZE)
             bank.set("store", (0, False))
             stored = backend.velocity(z1, 0.4, c, 1.0, SIZE, SIZE)

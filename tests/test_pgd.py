@@ -20,12 +20,26 @@ def test_pgd_budget_and_dodging(tiny_recognizers, plain: bool) -> None:
     kw = {"momentum": 0.0, "diversity_prob": 0.0} if plain else {}
     m = pgd_cls(tiny_recognizers, steps=20, crop_size=64, **kw)
     x = _crops()
-    res = m.protect_faces(x, generator=torch.Generator().manual_seed(1))
+    ones = torch.ones_like(x[:, :1])
+    res = m.protect_faces(x, masks=ones, generator=torch.Generator().manual_seed(1))
     assert res.crops.shape == x.shape
-    assert (res.crops - x).abs().max() <= 8 / 255 + 1e-6
+    bound = m.change_bound(x, ones)
+    assert ((res.crops - x).abs() <= bound + 1e-6).all()  # the per-pixel visibility bound holds everywhere
     assert res.crops.min() >= 0 and res.crops.max() <= 1
     loss = IdentityLoss(tiny_recognizers, x)
     assert float(loss(res.crops).mean()) < float(loss(x).mean()) - 0.005
+
+
+def test_pgd_eps_caps_the_change_and_mask_confines_it(tiny_recognizers) -> None:
+    x = _crops()
+    mask = torch.zeros_like(x[:, :1])
+    mask[..., 16:48, 16:48] = 1.0
+    m = METHODS["pgd"](tiny_recognizers, steps=10, crop_size=64, eps=2 / 255, budget="high")
+    assert float((m.protect_faces(x, masks=mask).crops - x).abs().max()) <= 2 / 255 + 1e-6
+    res = m.protect(x, masks=mask)
+    d = (res.crops - x).abs()
+    assert float(d[..., :16, :].max()) == 0 and float(d[..., :, 48:].max()) == 0  # nothing outside the mask
+    assert float(d.max()) > 0 and all(v["scale"] <= 1 for v in res.info["visibility"])
 
 
 def test_pgd_impersonation_moves_towards_target(tiny_recognizers) -> None:

@@ -12,7 +12,7 @@ is ``w_id = w_min + (w_max - w_min) / (1 + exp(k (L_p - tau)))`` with tau = 0.3,
   weighting curve; ``scale = 0.3 / tau_ssim`` puts the curve's midpoint (w_id = 0.525) at ``D = tau_ssim`` and keeps
   ``k * tau`` (the curve's relative steepness) at the paper's 6. The default tau_ssim = 0.05 (mean SSIM 0.95, the
   usual "visually near-lossless" level) is a *choice*, not a measured VGG equivalence: see
-  ``scripts/calibrate_perceptual.py`` to fit the scale against VGG19 where its weights are available.
+  ``scripts/perceptual_curve.py --vgg`` to fit the scale against VGG19 where its weights are available.
 """
 
 from __future__ import annotations

@@ -42,13 +42,24 @@ _GRAD_KERNELS = (
 TEXTURE_GAIN = 0.117  # Yang et al.'s eta
 OVERLAP = 0.3  # C_lt of the nonlinear additivity model
 EDGE_WEIGHT = 0.1  # texture masking kept on structural edges
-EDGE_SIGMA = 2.0  # Canny scale (px on a 256 px portrait crop): contours of eyes, lips, jaw; not hair strands
+EDGE_SIGMA = 2.0
+DETAIL_SIGMA = 2.0  # px: the detail layer on which texture masking is measured is the luma minus its blur  # Canny scale (px on a 256 px portrait crop): contours of eyes, lips, jaw; not hair strands
+
+
+CAST_TOLERANCE = 0.1 / 255  # mean change per channel over the mask the final projection leaves alone
 
 
 def luma(x: torch.Tensor) -> torch.Tensor:
     """(B, 1, H, W) BT.601 luma in grey levels [0, 255] of (B, 3, H, W) RGB in [0, 1]."""
     w = x.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
     return (x * w).sum(1, keepdim=True) * 255.0
+
+
+def _gaussian_blur(y: torch.Tensor, sigma: float) -> torch.Tensor:
+    from kornia.filters import gaussian_blur2d
+
+    k = 2 * int(3 * sigma) + 1
+    return gaussian_blur2d(y, (k, k), (sigma, sigma), border_type="replicate")
 
 
 def _edge_weight(y: torch.Tensor) -> torch.Tensor:
@@ -76,8 +87,12 @@ def jnd_components(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     bg_k = y.new_tensor(_BG_KERNEL).view(1, 1, 5, 5) / 32.0
     bg = F.conv2d(pad, bg_k)
     grads = y.new_tensor(_GRAD_KERNELS).view(4, 1, 5, 5) / 16.0
-    mg = F.conv2d(pad, grads).abs().amax(1, keepdim=True)
-    t_l = torch.where(bg <= 127, 17.0 * (1 - torch.sqrt(bg.clamp_min(0) / 127.0)) + 3.0, 3.0 / 128.0 * (bg - 127) + 3.0)
+    # texture is measured on the detail layer: smooth shading ramps (a lit forehead, a cheek's curve) have large
+    # gradients but mask nothing, and changes there show
+    detail = y - _gaussian_blur(y, DETAIL_SIGMA)
+    mg = F.conv2d(F.pad(detail, (2, 2, 2, 2), mode="replicate"), grads).abs().amax(1, keepdim=True)
+    dark = 17.0 * (1 - torch.sqrt(bg.clamp_min(0) / 127.0)) + 3.0
+    t_l = torch.where(bg <= 127, dark, 3.0 / 128.0 * (bg - 127) + 3.0)
     t_t = TEXTURE_GAIN * mg * _edge_weight(y)
     return t_l, t_t
 
@@ -148,9 +163,9 @@ class VisibilityBudget:
 # at 100 % side by side (every pixel under its JND), "medium" at most a faint grain or tone change in textured areas
 # (smooth skin stays at its JND, texture takes more), "high" visible but natural.
 BUDGETS: dict[str, VisibilityBudget] = {
-    "low": VisibilityBudget("low", smooth_scale=0.7, texture_scale=1.0, max_delta_e=1.0, max_visible=0.05),
-    "medium": VisibilityBudget("medium", smooth_scale=1.0, texture_scale=2.5, max_delta_e=2.0, max_visible=0.5),
-    "high": VisibilityBudget("high", smooth_scale=1.6, texture_scale=4.0, max_delta_e=3.5, max_visible=0.9),
+    "low": VisibilityBudget("low", smooth_scale=0.6, texture_scale=1.0, max_delta_e=1.0, max_visible=0.05),
+    "medium": VisibilityBudget("medium", smooth_scale=0.8, texture_scale=2.5, max_delta_e=2.0, max_visible=0.5),
+    "high": VisibilityBudget("high", smooth_scale=1.0, texture_scale=4.0, max_delta_e=3.0, max_visible=0.9),
 }
 
 
@@ -172,7 +187,8 @@ def calibrated_bound(x: torch.Tensor, mask: torch.Tensor, budget: VisibilityBudg
     over the mask at 95 % of ``budget.max_delta_e``.
 
     The JND shapes the allocation (texture takes more than smooth skin); the scale makes the colour-difference cap
-    hold where the bound alone would not, so the final projection rarely has to shrink an optimised change. ``luma_only`` probes with one sign per
+    hold where the bound alone would not, so the final projection rarely has to shrink an optimised change.
+    ``luma_only`` probes with one sign per
     pixel for all channels (grey-level changes cost less CIEDE2000 than chroma noise).
     """
     bound = budget.bound(x) * mask.float()
@@ -256,7 +272,7 @@ def remove_colour_cast(residual: torch.Tensor, mask: torch.Tensor) -> torch.Tens
 
 
 def bound_residual(residual: torch.Tensor, bound: torch.Tensor, soft: bool = False) -> torch.Tensor:
-    """Clamp a residual per pixel to ``[-bound, bound]``; ``soft`` uses ``bound * tanh(R / bound)`` (gradients flow)."""
+    """Clamp a residual per pixel to ``[-bound, bound]``; ``soft``: ``bound * tanh(R / bound)`` (gradients flow)."""
     if soft:
         b = bound.clamp_min(1e-6)
         return b * torch.tanh(residual / b)
@@ -265,12 +281,16 @@ def bound_residual(residual: torch.Tensor, bound: torch.Tensor, soft: bool = Fal
 
 def shape_residual(residual: torch.Tensor, mask: torch.Tensor, bound: torch.Tensor, soft: bool = False
                    ) -> torch.Tensor:
-    """The change a method may make: masked, bounded per pixel (``bound``, e.g. :meth:`VisibilityBudget.bound`), no colour cast.
+    """The change a method may make: masked, bounded per pixel (``bound``, e.g. :meth:`VisibilityBudget.bound`), no
+    colour cast.
 
-    Differentiable (with ``soft``), so methods optimise the very change they will output.
+    Bounded, freed of its mean over the mask, bounded again (so the bound holds exactly and the cast left is what
+    the second clamp shaves off: nothing, unless many pixels sit at the bound with one sign). Differentiable (with
+    ``soft``), so methods optimise the very change they will output.
     """
-    r = bound_residual(residual * mask, bound * mask, soft)
-    return remove_colour_cast(r, mask)
+    b = bound * mask
+    r = remove_colour_cast(bound_residual(residual * mask, b, soft), mask)
+    return bound_residual(r, b, soft)
 
 
 def delta_e_2000(original: np.ndarray, changed: np.ndarray) -> np.ndarray:
@@ -303,7 +323,11 @@ def project_to_budget(original: torch.Tensor, changed: torch.Tensor, mask: torch
     x = original.float()
     j = jnd_map(x) if jnd is None else jnd
     m = mask.float()
-    r = shape_residual(changed.float() - x, m, budget.bound(x))
+    b = budget.bound(x) * m
+    r = bound_residual((changed.float() - x) * m, b)
+    cast = (r * m).flatten(2).sum(2) / (m * m).flatten(2).sum(2).clamp_min(1e-8)
+    if float(cast.abs().max()) > CAST_TOLERANCE:  # the methods remove it themselves; this is the safety net
+        r = shape_residual(r, m, b)
     out, stats = [], []
     for i in range(x.shape[0]):
         xi, ri, mi, ji = x[i : i + 1], r[i : i + 1], m[i : i + 1], j[i : i + 1]

@@ -53,6 +53,7 @@ from fluxguard.losses.identity import IdentityLoss
 from fluxguard.losses.perceptual import adaptive_id_weight, perceptual_loss
 from fluxguard.losses.visibility import budget_usage, shape_residual
 from fluxguard.methods.base import MethodResult, Mode, ProgressFn, ProtectionMethod
+from fluxguard.methods.v_injection import ValueBank, VInjection, v_injection_blocks
 from fluxguard.recognition.base import FaceRecognizer
 
 logger = logging.getLogger(__name__)
@@ -168,94 +169,6 @@ def rf_solver_step(z: torch.Tensor, v: torch.Tensor, v_mid: torch.Tensor, h: flo
     return z + h * v + 0.5 * h**2 * (v_mid - v) / (h / 2)
 
 
-# ----------------------------------------------------------------------------------------------- V injection
-class ValueBank:
-    """Stores (inversion) or replays (generation) attention values keyed by (step key, midpoint?, block)."""
-
-    def __init__(self, storage: torch.device | str | None = None) -> None:
-        self.storage = storage
-        self.mode: str | None = None
-        self.key: tuple[int, bool] | None = None
-        self.bank: dict[tuple[int, bool, int], torch.Tensor] = {}
-        self.replayed = 0
-
-    def set(self, mode: str | None, key: tuple[int, bool] | None = None) -> None:
-        self.mode, self.key = mode, key
-
-    def __call__(self, block: int, value: torch.Tensor) -> torch.Tensor:
-        if self.mode is None or self.key is None:
-            return value
-        k = (*self.key, block)
-        if self.mode == "store":
-            self.bank[k] = value.detach().to(self.storage or value.device)
-            return value
-        stored = self.bank[k].to(device=value.device, dtype=value.dtype)
-        self.replayed += 1
-        return stored.expand_as(value) if stored.shape[0] != value.shape[0] else stored
-
-    def clear(self) -> None:
-        self.bank.clear()
-        self.replayed = 0
-        self.set(None)
-
-
-class VInjectionAttnProcessor:
-    """FLUX single-stream attention that passes its ``value`` (text + image tokens) through a :class:`ValueBank`.
-
-    Same computation as diffusers' ``FluxAttnProcessor`` for single-stream blocks (no separate text stream).
-    """
-
-    def __init__(self, bank: ValueBank, block: int) -> None:
-        self.bank = bank
-        self.block = block
-
-    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None) -> torch.Tensor:
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-        from diffusers.models.embeddings import apply_rotary_emb
-
-        if encoder_hidden_states is not None:
-            raise RuntimeError("VInjectionAttnProcessor is for FLUX single-stream blocks only")
-        if getattr(attn, "fused_projections", False):
-            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
-        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-        value = self.bank(self.block, value.unflatten(-1, (-1, attn.head_dim)))
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask)
-        return out.flatten(2, 3).to(query.dtype)
-
-
-def v_injection_blocks(num_single: int, first: int = 20, reference: int = 38) -> list[int]:
-    """Indices of the single-stream blocks whose V is stored/replaced (20..37 for FLUX.1-dev's 38)."""
-    start = first if num_single == reference else (first * num_single) // reference
-    return list(range(min(start, num_single), num_single))
-
-
-class _Installed:
-    """Context manager: V-injection processors on the chosen blocks, originals restored on exit."""
-
-    def __init__(self, transformer: nn.Module, bank: ValueBank, blocks: Sequence[int]) -> None:
-        self.blocks = [transformer.single_transformer_blocks[i] for i in blocks]
-        self.idx = list(blocks)
-        self.bank = bank
-        self.saved: list[Any] = []
-
-    def __enter__(self) -> _Installed:
-        for i, blk in zip(self.idx, self.blocks, strict=True):
-            self.saved.append(blk.attn.processor)
-            blk.attn.set_processor(VInjectionAttnProcessor(self.bank, i))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for blk, proc in zip(self.blocks, self.saved, strict=True):
-            blk.attn.set_processor(proc)
-
-
 # ----------------------------------------------------------------------------------------------- the method
 @dataclass
 class _FaceState:
@@ -341,10 +254,11 @@ class FluxGuard(ProtectionMethod):
 
     @property
     def perceptual(self) -> nn.Module | None:
-        """The image-space perceptual loss ``(x, ref) -> (B,)`` for ``vgg``/``ssim``/a given module; None for ``jnd``."""
-        if self._perceptual is None and self.perceptual_kind != "jnd":
-            kind = self.perceptual_kind
-            self._perceptual = perceptual_loss(self.config.vgg_weights if kind == "vgg" else None, self.config.ssim_tau)
+        """The image-space perceptual loss ``(x, ref) -> (B,)`` (vgg, ssim or a given module); None for ``jnd``."""
+        kind = self.perceptual_kind
+        if self._perceptual is None and kind != "jnd":
+            weights = self.config.vgg_weights if kind == "vgg" else None
+            self._perceptual = perceptual_loss(weights, self.config.ssim_tau)
         return self._perceptual
 
     def resolve_prompts(self) -> tuple[str | None, str | None, str | None]:
@@ -523,7 +437,7 @@ class FluxGuard(ProtectionMethod):
         def vel(z: torch.Tensor, t: float, cond: Any, g: float) -> torch.Tensor:
             return b.velocity(z, t, cond, g, size, size)
 
-        with torch.no_grad(), _Installed(b.transformer, bank, blocks), record_function("fluxguard/invert"):
+        with torch.no_grad(), VInjection(b.transformer, bank, blocks), record_function("fluxguard/invert"):
             z = b.encode(x)
             inv_v: list[torch.Tensor] = []
             inv_vm: list[torch.Tensor] = []
@@ -561,7 +475,7 @@ class FluxGuard(ProtectionMethod):
                 bank.set(None)
                 return rf_solver_step(zz, v, vm, dt)
 
-        with torch.no_grad(), _Installed(b.transformer, bank, blocks), record_function("fluxguard/generate"):
+        with torch.no_grad(), VInjection(b.transformer, bank, blocks), record_function("fluxguard/generate"):
             zc = z
             zr = z if editing else None
             za = None if c.share_clean_branch else z.clone()
@@ -630,5 +544,4 @@ class _FaceInputs:
     bound: torch.Tensor  # (1, 1, S, S): the budget's per-pixel bound inside m
 
 
-__all__ = ["FluxGuard", "FluxGuardConfig", "PAPER_EDIT_PROMPT", "PAPER_SOURCE_PROMPT", "ValueBank",
-           "VInjectionAttnProcessor", "rf_solver_step", "v_injection_blocks"]
+__all__ = ["FluxGuard", "FluxGuardConfig", "PAPER_EDIT_PROMPT", "PAPER_SOURCE_PROMPT", "rf_solver_step"]

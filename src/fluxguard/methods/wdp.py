@@ -346,8 +346,8 @@ class WDP(ProtectionMethod):
     name: ClassVar[str] = "wdp"
     crop_size: int = 256
     config_class = WDPConfig
-    # Weight of the identity loss and adversarial AdamW iterations (medium = the paper's 0.003 and 30).
-    # Each strength is a visibility budget (the same for every method); lambda_adv and the 30 iterations are the paper's.
+    # Each strength is a visibility budget (the same for every method); lambda_adv and the 30 iterations stay the
+    # paper's.
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "low": {"budget": "low"},
         "medium": {"budget": "medium"},
