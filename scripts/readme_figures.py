@@ -1,11 +1,12 @@
-"""Pictures for the README: a protected sample face, its change amplified, and what FR models say; the web UI.
+"""Pictures for the README: a protected sample face at 100 %, its change amplified, and what FR models say; the web UI.
 
-    PYTHONPATH=src python scripts/readme_figures.py --method pgd --strength medium
+    PYTHONPATH=src python scripts/readme_figures.py                      # the default method and strength
     PYTHONPATH=src python scripts/readme_figures.py --method pgd --strength medium --web   # + docs/images/web_ui.jpg
 
 Protects scikit-image's astronaut (public domain) with the public API, then writes
-``docs/images/astronaut_<method>_<strength>.jpg`` (face region: before | after | |after - before| x 10) and a
-``.json`` beside it with the per-model similarities and the parameters, which the README quotes. With ``--web`` it
+``docs/images/astronaut_<method>_<strength>.png`` (face region at 100 %, no resampling: before | after |
+|after - before| x 10) and a ``.json`` beside it with the per-model similarities, the face's quality as people see it
+(CIEDE2000, colour shift, visible share) and the parameters, which the README quotes. With ``--web`` it
 also starts ``fluxguard serve`` (that method only, every shipped FR model), protects the same photo in headless
 Chromium (Debian ``chromium`` + playwright) and saves a screenshot of the page as ``docs/images/web_ui.jpg``.
 """
@@ -27,7 +28,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--method", default="pgd")
+    ap.add_argument("--method", default=None, help="default: fluxguard.api.DEFAULT_METHOD")
     ap.add_argument("--strength", default="medium")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "images")
@@ -40,36 +41,37 @@ def main() -> None:
     from skimage import data
 
     import fluxguard
+    from fluxguard.api import DEFAULT_METHOD
 
+    args.method = args.method or DEFAULT_METHOD
     torch.set_num_threads(1)
     rgb = data.astronaut()
     t0 = time.perf_counter()
     res = fluxguard.protect(rgb, method=args.method, strength=args.strength, seed=args.seed)
     seconds = time.perf_counter() - t0
     face = res.faces[0].face
-    x0, y0, x1, y1 = face.box
-    cx, cy, half = (x0 + x1) / 2, (y0 + y1) / 2, 0.9 * max(x1 - x0, y1 - y0)
-    h, w = rgb.shape[:2]
-    box = (int(max(0, cx - half)), int(max(0, cy - half)), int(min(w, cx + half)), int(min(h, cy + half)))
-    crop = (slice(box[1], box[3]), slice(box[0], box[2]))
-    before, after = rgb[crop], res.image[crop]
+    from fluxguard.eval.contact_sheet import face_window
+
+    y0, y1, x0, x1 = face_window(rgb.shape, face.box, margin=0.45)
+    before, after = rgb[y0:y1, x0:x1], res.image[y0:y1, x0:x1]
     diff = np.clip(np.abs(after.astype(int) - before.astype(int)) * 10, 0, 255).astype(np.uint8)
-    size = 256
-    tiles = [Image.fromarray(a).resize((size, size), Image.LANCZOS) for a in (before, after, diff)]
-    canvas = Image.new("RGB", (3 * size + 20, size + 24), "white")
+    tiles = [Image.fromarray(a) for a in (before, after, diff)]
+    tw, th = tiles[0].size
+    canvas = Image.new("RGB", (3 * tw + 20, th + 24), "white")
     draw = ImageDraw.Draw(canvas)
     for i, (tile, label) in enumerate(zip(tiles, ("before", "after", "|change| x 10"), strict=True)):
-        canvas.paste(tile, (i * (size + 10), 24))
-        draw.text((i * (size + 10) + 4, 6), label, fill="black")
+        canvas.paste(tile, (i * (tw + 10), 24))
+        draw.text((i * (tw + 10) + 4, 6), label, fill="black")
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"astronaut_{args.method}_{args.strength}"
-    canvas.save(args.out / f"{stem}.jpg", quality=90)
+    canvas.save(args.out / f"{stem}.png", optimize=True)  # PNG: 100 % means no codec either
     record = {
         "command": "python scripts/readme_figures.py " + " ".join(sys.argv[1:]),
         "method": args.method,
         "strength": args.strength,
         "params": res.params,
         "similarity": res.faces[0].similarity,
+        "quality": res.faces[0].quality,
         "psnr_db": round(float(10 * np.log10(255.0**2 / np.mean((res.image.astype(float) - rgb) ** 2))), 2),
         "seconds": round(seconds, 1),
         "torch_threads": 1,

@@ -117,19 +117,21 @@ def test_every_method_has_presets_of_real_parameters() -> None:
         for preset, values in cls.presets.items():
             assert values, (name, preset)
             assert set(values) <= set(cls.parameter_names()), (name, preset)
+            assert values["budget"] == preset, (name, preset)  # a strength is the visibility budget of its name
             if preset == "medium":  # medium is the method's (paper's) defaults
-                assert all(getattr(defaults, k) == pytest.approx(v) for k, v in values.items()), name
+                own = {k: v for k, v in values.items() if k != "budget"}
+                assert all(getattr(defaults, k) == pytest.approx(v) for k, v in own.items()), name
 
 
 def test_strength_preset_and_param_override(tmp_path: Path, faces) -> None:
     photo = write(tmp_path / "me.png", faces["astronaut"])
-    # --strength low is eps 4/255 and 25 steps; --param steps=2 overrides the steps and keeps the preset's eps
+    # --strength low is the low visibility budget; --param steps=2 overrides the steps and keeps the preset's budget
     code, text = run(str(photo), "--out", str(tmp_path / "o"), "--strength", "low", *FAST)
     assert code == 0, text
     params = summary(tmp_path / "o")["params"]
     assert params["strength"] == "low"
     assert params["steps"] == 2
-    assert params["eps"] == pytest.approx(4 / 255)
+    assert params["budget"]["name"] == "low"
 
 
 @pytest.mark.parametrize(

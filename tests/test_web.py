@@ -75,7 +75,7 @@ def test_service_protects_strips_metadata_and_reports_every_judge(tmp_path: Path
     assert seen and seen[-1][0].startswith("holiday.jpg (1/1): ") and seen[-1][1] == seen[-1][2]
     # the cached Protector was built with the server's fixed steps under the chosen preset
     p = service.protector("pgd", "dodge", "low", None)
-    assert p.params()["steps"] == 2 and p.params()["eps"] == pytest.approx(4 / 255)
+    assert p.params()["steps"] == 2 and p.params()["budget"]["name"] == "low"
 
 
 def test_service_reports_bad_and_faceless_files_by_name(tmp_path: Path, service, astronaut_half) -> None:

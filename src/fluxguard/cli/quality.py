@@ -1,4 +1,6 @@
-"""``fluxguard quality``: how much did protection change the photo? PSNR, SSIM, MS-SSIM, and LPIPS / FID from
+"""``fluxguard quality``: how much did protection change the photo, as people see it? Per face: CIEDE2000 (mean and
+95th percentile over the face mask), colour shift (dL*, da*, db*), the share of the face whose change exceeds its
+JND, SSIM/PSNR on the mask and PSNR outside the faces; for the whole photo PSNR, SSIM, MS-SSIM, and LPIPS / FID from
 weights the user points to."""
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def quality(
     import numpy as np
     import torch
 
-    from fluxguard.eval.quality import quality_report
+    from fluxguard.eval.quality import faces_quality, quality_report
     from fluxguard.io import load_image
 
     pairs = pair_files(original, protected, suffix)
@@ -69,7 +71,7 @@ def quality(
         ia, ib = load_image(a).rgb, load_image(b).rgb
         if ia.shape != ib.shape:
             raise ConfigError(f"sizes differ: {ia.shape[:2]} vs {ib.shape[:2]}", path=b)
-        row = {"original": str(a), "protected": str(b), **quality_report(ia, ib)}
+        row = {"original": str(a), "protected": str(b), **quality_report(ia, ib), "faces": faces_quality(ia, ib)}
         if lp is not None:
             ta, tb = (torch.tensor(np.asarray(x)).permute(2, 0, 1)[None].float() / 255 for x in (ia, ib))
             with torch.no_grad():
@@ -88,11 +90,26 @@ def quality(
     from rich.table import Table
 
     cols = ["psnr", "ssim", "ms_ssim"] + (["lpips"] if lp is not None else [])
-    table = Table("original", "protected", *cols)
+    table = Table(title="whole photo")
+    for col in ("original", "protected", *cols):
+        table.add_column(col, overflow="fold")
     for r in rows:
         table.add_row(Path(r["original"]).name, Path(r["protected"]).name,
                       *["–" if r.get(c) is None else f"{r[c]:.4f}" for c in cols])
     console.print(table)
+    faces = Table(title="per face, over its mask (as people see it)")
+    faces.add_column("protected", overflow="fold")
+    for col in ("face", "dE2000 mean", "p95", "dL*/da*/db*", "visible", "mask SSIM", "outside faces"):
+        faces.add_column(col, overflow="fold")
+    for r in rows:
+        for i, f in enumerate(r["faces"]):
+            if f["delta_e_mean"] is None:
+                continue
+            outside = "bit-exact" if f["changed_outside"] == 0 else f"{f['changed_outside']} px changed"
+            faces.add_row(Path(r["protected"]).name, str(i + 1), f"{f['delta_e_mean']:.2f}",
+                          f"{f['delta_e_p95']:.2f}", f"{f['dL']:+.2f}/{f['da']:+.2f}/{f['db']:+.2f}",
+                          f"{100 * f['visible']:.1f} %", f"{f['ssim_mask']:.4f}", outside)
+    console.print(faces)
     if "fid" in result:
         console.print(f"FID over {len(rows)} pairs: {result['fid']:.3f}")
     if lp is None and fid is None:

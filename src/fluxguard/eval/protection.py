@@ -51,7 +51,7 @@ def protect_all(cfg: EvalConfig, models: ModelSet, zoos: Sequence[Zoo], subjects
             seconds = time.perf_counter() - t0
             png = png_bytes(res.image)
             write_atomic(png_p, png)
-            q = quality_report(source.rgb, res.image, box=s.source_face.box)
+            q = {**quality_report(source.rgb, res.image, box=s.source_face.box), **res.faces[0].quality}
             meta = {
                 "identity": s.identity, "mode": mode, "zoo": list(zoo.models), "zoo_tag": zoo.tag,
                 "source": relative(s.source, data), "reference": relative(s.reference, data),

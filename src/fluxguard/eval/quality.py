@@ -129,3 +129,35 @@ def face_quality(original: np.ndarray, protected: np.ndarray, mask: np.ndarray,
         ssim_mask=ssim_mask,
     )
     return res
+
+
+def face_masks(rgb: np.ndarray, faces: list) -> list[np.ndarray]:
+    """(H, W) float masks in the photo of each face (the protection masks of :mod:`fluxguard.faces.mask`, built on
+    a crop at the face's own resolution and warped back)."""
+    from fluxguard.faces.align import align_faces, native_crop_size, photo_mask
+    from fluxguard.faces.mask import face_mask
+
+    photo = _to_tensor(rgb)
+    out = []
+    for f in faces:
+        af = align_faces(photo, [f.landmarks], native_crop_size(f.landmarks))[0]
+        out.append(photo_mask(rgb.shape[:2], [af], [face_mask(af.crop)[0]]).numpy())
+    return out
+
+
+def faces_quality(original: np.ndarray, protected: np.ndarray, faces: list | None = None) -> list[dict]:
+    """:func:`face_quality` for every face of ``original`` (detected when ``faces`` is None), each with its box."""
+    if faces is None:
+        from fluxguard.faces.detect import detect_faces
+
+        faces = detect_faces(original)
+    masks = face_masks(original, faces)
+    union = np.maximum.reduce(masks) if masks else np.zeros(original.shape[:2], np.float32)
+    return [{"box": [round(float(v), 1) for v in f.box], **face_quality(original, protected, m, outside=union)}
+            for f, m in zip(faces, masks, strict=True)]
+
+
+def _to_tensor(rgb: np.ndarray):  # noqa: ANN202 (torch.Tensor; torch imported lazily)
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() / 255.0

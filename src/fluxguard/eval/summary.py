@@ -101,9 +101,16 @@ class _ModeSummary:
 
     def quality(self) -> dict[str, Any]:
         bb = [it for it in self.items if any(not v["white_box"] for v in it["judges"].values())]
+        seen = ("delta_e_mean", "delta_e_p95", "visible", "psnr_mask", "ssim_mask", "psnr_outside")
         return {
             "face": {k: _mean(it["quality"].get(f"face_{k}") for it in bb) for k in ("psnr", "ssim", "ms_ssim")},
             "photo": {k: _mean(it["quality"].get(k) for it in bb) for k in ("psnr", "ssim", "ms_ssim")},
+            # as people see it, over the face mask (fluxguard.eval.quality.face_quality); colour shift as the
+            # largest absolute mean shift of any face
+            "mask": {k: _mean(it["quality"].get(k) for it in bb) for k in seen},
+            "colour_shift_max": {k: max((abs(it["quality"][k]) for it in bb if it["quality"].get(k) is not None),
+                                        default=float("nan")) for k in ("dL", "da", "db")},
+            "changed_outside": sum(int(it["quality"].get("changed_outside") or 0) for it in bb),
             "n": len(bb),
         }
 

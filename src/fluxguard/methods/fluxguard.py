@@ -326,7 +326,8 @@ class FluxGuard(ProtectionMethod):
         Returns:
             MethodResult with the protected crops (input + edit + shaped adversarial change), the masks used, one
             history entry per Adam step (face, step, iter, t, L_id, L_p, w_id, loss) and info (regions, mask areas,
-            T_inj, timesteps, clean_crops = input + edit without the attack, seconds).
+            T_inj, timesteps, clean_crops = input + edit without the attack, regenerated_crops = the generator's
+            clean output before composition, seconds).
         """
         if crops.dim() != 4 or crops.shape[1] != 3 or crops.shape[-1] != crops.shape[-2] or crops.shape[-1] % 16:
             raise ValueError(f"expected (B, 3, S, S) crops with S a multiple of 16, got {tuple(crops.shape)}")
@@ -352,7 +353,7 @@ class FluxGuard(ProtectionMethod):
         report = progress or (lambda stage, step, total: None)
 
         t0 = time.perf_counter()
-        out, clean, used, history = [], [], [], []
+        out, clean, regenerated, used, history = [], [], [], [], []
         info: dict[str, Any] = {
             "regions": [], "mask_area_percent": [], "inject_steps": [], "v_stored": [], "v_replayed": [],
             "text_free": backend.text_free, "edit_prompt": edit_prompt, "perceptual": self.perceptual_kind}
@@ -377,6 +378,7 @@ class FluxGuard(ProtectionMethod):
                 adv = backend.decode(za, size, size)
                 out.append((base + shape_residual(adv - x_clean, m, face.bound, soft=True)).clamp(0, 1).cpu())
                 clean.append(base.cpu())
+                regenerated.append(x_clean.cpu())
                 used.append(m.cpu())
             info["regions"].append(state.regions)
             info["mask_area_percent"].append(state.mask_area)
@@ -386,6 +388,7 @@ class FluxGuard(ProtectionMethod):
             info["timesteps"] = ts
             report("faces", i + 1, b_size)
         info["clean_crops"] = torch.cat(clean)
+        info["regenerated_crops"] = torch.cat(regenerated)  # the generator's own output (diagnostics)
         info["seconds"] = time.perf_counter() - t0
         return MethodResult(crops=torch.cat(out), history=history, info=info, masks=torch.cat(used),
                             reference=info["clean_crops"])

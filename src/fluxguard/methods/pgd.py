@@ -46,6 +46,9 @@ class PGDConfig:
     # "box": every pixel up to its bound (sign steps); "sparse": the budget's mean CIEDE2000 as an L1 ball, spent on
     # the pixels where the gradient is largest per unit of colour difference (normalised-gradient steps)
     projection: str = "box"
+    # "mean": the ensemble's loss is the mean over models; "balanced": each model's gradient is normalised (mean
+    # absolute value 1) before they are summed, so no easy model dominates the direction
+    model_weighting: str = "mean"
     crop_size: int | None = None  # None: each face at its own resolution in the photo (no resampling loss)
 
     def validate(self) -> None:
@@ -55,6 +58,8 @@ class PGDConfig:
             raise ConfigError("steps must be >= 1 and step_size > 0")
         if not 0 <= self.diversity_prob <= 1:
             raise ConfigError("diversity_prob must be in [0, 1]")
+        if self.model_weighting not in ("mean", "balanced"):
+            raise ConfigError(f"model_weighting must be mean or balanced, got {self.model_weighting!r}")
         if self.projection not in ("box", "sparse"):
             raise ConfigError(f"projection must be box or sparse, got {self.projection!r}")
         if self.colour not in ("rgb", "luma"):
@@ -169,8 +174,16 @@ class PGD(ProtectionMethod):
             delta = self._project(x0, delta, m, bound, sparse).requires_grad_(True)
             x = x0 + delta
             x_in, lm = self._diverse(self._eot(x, gen), gen)
-            loss = loss_fn(x_in, lm).sum()
-            (grad,) = torch.autograd.grad(loss, delta)
+            if cfg.model_weighting == "balanced":
+                terms = loss_fn.per_model(x_in, lm).sum(1)  # (M,)
+                grad = torch.zeros_like(delta)
+                for i, t in enumerate(terms):
+                    (g_m,) = torch.autograd.grad(t, delta, retain_graph=i < len(terms) - 1)
+                    grad = grad + g_m / g_m.abs().mean().clamp_min(1e-12)
+                loss = terms.mean()
+            else:
+                loss = loss_fn(x_in, lm).sum()
+                (grad,) = torch.autograd.grad(loss, delta)
             with torch.no_grad():
                 if cfg.colour == "luma":
                     grad = grad.sum(1, keepdim=True).expand_as(grad)

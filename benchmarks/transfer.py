@@ -1,0 +1,279 @@
+"""Transfer at the visibility budget: black-box PSR against FR models that were never attacked, with visibility columns.
+
+Protocol (the cheap black-box check that ablations need; the leave-one-out table is ``benchmarks/protection.py``):
+
+* Faces: the first ``--limit`` eval-split identities with two photos (protocol order, as the evaluation), both modes.
+* Attack: every shipped FR model (``fluxguard.recognition.shipped_models``). Judges: FR models outside that zoo
+  (``--judges``, default ``faceres-deep,faceplugin-mfn512``; they are converted from their npm packages into the user
+  cache on first use), at their thresholds calibrated on the disjoint calib split.
+* Dodging succeeds when the protected face's cosine to a *different* photo of the person falls below the judge's
+  threshold; impersonation (one of the four protocol targets, round-robin) when its cosine to the target's *other*
+  photo rises above it. Faces are embedded at the detected landmarks of the source photo (the change is too small
+  to move a detector, and the evaluation runner checks re-detection).
+* ``social``: the same scoring after the social-network chain (longer side to 1080 px, JPEG 75), and the share of
+  PSR kept.
+* Each PSR is the mean over judges with a Wilson 95 % interval over identities (``fluxguard.eval.psr``); visibility
+  is measured on the saved 8-bit photo over the face mask (``fluxguard.eval.quality.face_quality``).
+
+Rows are named in :data:`ROWS`; protected photos are cached in ``--work`` so adding rows or identities resumes.
+
+    python benchmarks/transfer.py --limit 30 --rows pgd,pgd-luma,fluxguard --append
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+FARS = ("1e-1", "1e-2")
+MODES = ("dodge", "impersonate")
+# name -> (method, strength, parameters, what the row shows)
+ROWS: dict[str, tuple[str, str, dict[str, Any], str]] = {
+    "pgd-low": ("pgd", "low", {}, "PGD (MI-FGSM + DI) at the low budget"),
+    "pgd": ("pgd", "medium", {}, "PGD (MI-FGSM + DI) at the medium budget, sign steps on R, G, B"),
+    "pgd-high": ("pgd", "high", {}, "PGD (MI-FGSM + DI) at the high budget (+ JPEG EOT)"),
+    "pgd-plain": ("pgd", "medium", {"momentum": 0.0, "diversity_prob": 0.0}, "plain PGD: no momentum, no DI"),
+    "pgd-luma": ("pgd", "medium", {"colour": "luma"}, "grey-level change only"),
+    "pgd-balanced": ("pgd", "medium", {"model_weighting": "balanced"}, "per-model gradient normalisation"),
+    "pgd-luma-balanced": ("pgd", "medium", {"colour": "luma", "model_weighting": "balanced"},
+                          "grey-level change + per-model gradient normalisation"),
+    "pgd-sparse": ("pgd", "medium", {"projection": "sparse", "colour": "luma", "step_size": 4 / 255},
+                   "the colour-difference budget as an L1 ball (sparse change)"),
+    "pgd-ti": ("pgd", "medium", {"ti_kernel": 5}, "translation-invariant gradients (5 px)"),
+    "pgd-eot": ("pgd", "medium", {"eot": ["jpeg"]}, "expectation over JPEG"),
+    "fluxguard-low": ("fluxguard", "low", {}, "Flux-Guard on the lite models, low budget"),
+    "fluxguard": ("fluxguard", "medium", {}, "Flux-Guard on the lite models, medium budget"),
+    "fluxguard-high": ("fluxguard", "high", {}, "Flux-Guard on the lite models, high budget"),
+    "wdp": ("wdp", "medium", {}, "WDP on the lite models, medium budget"),
+}
+
+
+def row_key(method: str, strength: str, params: dict[str, Any], models: list[str]) -> str:
+    return hashlib.sha1(json.dumps([method, strength, params, models], sort_keys=True).encode()).hexdigest()[:12]
+
+
+def social(rgb: np.ndarray) -> tuple[np.ndarray, float]:
+    """The social-network chain and the scale it applied to coordinates."""
+    from fluxguard.eval.robustness import social_network
+
+    out = social_network(1080, 75)(rgb)
+    return out, out.shape[1] / rgb.shape[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default="pgd")
+    ap.add_argument("--limit", type=int, default=30)
+    ap.add_argument("--modes", default="dodge,impersonate")
+    ap.add_argument("--judges", default="faceres-deep,faceplugin-mfn512")
+    ap.add_argument("--data", type=Path, default=None)
+    ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "fluxguard" / "bench" / "transfer")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--name", default="transfer")
+    ap.add_argument("--append", action="store_true", help="keep the other rows of an existing results file")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--sheet-row", default=None, help="row whose contact sheet is written (default: the first)")
+    args = ap.parse_args()
+
+    import torch
+
+    from fluxguard.api import Protector, recognizers, to_tensor
+    from fluxguard.data import find_faces_dir
+    from fluxguard.eval.protocol import PROTOCOL_TARGETS, find_subjects, find_targets
+    from fluxguard.eval.psr import rate_interval
+    from fluxguard.faces.detect import detect_cached
+    from fluxguard.io import load_image
+    from fluxguard.recognition import shipped_models
+
+    torch.set_num_threads(args.threads)
+    data = args.data or find_faces_dir()
+    if data is None:
+        sys.exit("no face photos: set FLUXGUARD_DATA or put them in ../shared/faces")
+
+    def file_faces(p: Path) -> tuple[list, tuple[int, int]]:
+        img = load_image(p)
+        return detect_cached(p, image=img.rgb), img.rgb.shape[:2]
+
+    notes: list[str] = []
+    subjects = find_subjects(data, args.limit, file_faces, notes)
+    targets = find_targets(data, PROTOCOL_TARGETS, file_faces)
+    judges = recognizers(args.judges.split(","))
+    zoo = shipped_models()
+    modes = args.modes.split(",")
+
+    def embed(model: Any, rgb: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(to_tensor(rgb)[None], np.asarray(landmarks, np.float64)[None])[0].numpy()
+
+    refs: dict[tuple[str, str], np.ndarray] = {}
+
+    def reference(j: Any, mode: str, s: Any) -> np.ndarray:
+        key = (j.name, f"ref:{s.identity}" if mode == "dodge" else f"tgt:{s.index % len(targets)}")
+        if key not in refs:
+            if mode == "dodge":
+                refs[key] = embed(j, load_image(s.reference).rgb, s.reference_face.landmarks)
+            else:
+                t = targets[s.index % len(targets)]
+                refs[key] = embed(j, load_image(t.test).rgb, t.test_face.landmarks)
+        return refs[key]
+
+    results_path = args.out / f"{args.name}.json"
+    old = json.loads(results_path.read_text()) if (args.append and results_path.is_file()) else {}
+    rows_out: dict[str, Any] = dict(old.get("rows", {}))
+    sheets: dict[str, list] = {}
+    for name in args.rows.split(","):
+        method, strength, params, what = ROWS[name]
+        key = row_key(method, strength, params, zoo)
+        folder = args.work / f"{name}-{key}"
+        folder.mkdir(parents=True, exist_ok=True)
+        prot = None
+        per_mode: dict[str, Any] = {}
+        for mode in modes:
+            items = []
+            for s in subjects:
+                png, meta_p = folder / f"{mode}-{s.identity}.png", folder / f"{mode}-{s.identity}.json"
+                src = load_image(s.source)
+                if not (png.is_file() and meta_p.is_file()):
+                    if prot is None or prot.mode != mode:
+                        prot = Protector(method, mode=mode, fr_models=zoo, judges=[], strength=strength, **params)
+                    tgt = targets[s.index % len(targets)] if mode == "impersonate" else None
+                    t0 = time.perf_counter()
+                    res = prot.protect(src, faces=[s.source_face], seed=0,
+                                       target=None if tgt is None else load_image(tgt.photo),
+                                       target_face=None if tgt is None else tgt.face)
+                    secs = time.perf_counter() - t0
+                    from PIL import Image
+
+                    buf = io.BytesIO()
+                    Image.fromarray(res.image).save(buf, "PNG")
+                    png.write_bytes(buf.getvalue())
+                    meta_p.write_text(json.dumps({"quality": res.faces[0].quality, "seconds": secs,
+                                                  "params": {k: v for k, v in prot.params().items()
+                                                             if k != "fr_models"}}, default=str))
+                    print(f"{name} {mode} {s.identity}: {secs:.1f} s", flush=True)
+                meta = json.loads(meta_p.read_text())
+                out_rgb = load_image(png).rgb
+                soc, scale = social(out_rgb)
+                lm = s.source_face.landmarks
+                item = {"identity": s.identity, "quality": meta["quality"], "seconds": meta["seconds"], "judges": {}}
+                for j in judges:
+                    ref = reference(j, mode, s)
+                    item["judges"][j.name] = {
+                        "clean": float(embed(j, src.rgb, lm) @ ref),
+                        "protected": float(embed(j, out_rgb, lm) @ ref),
+                        "social": float(embed(j, soc, lm * scale) @ ref),
+                    }
+                items.append(item)
+                if len(sheets.setdefault(name, [])) < 8 and mode == "dodge":
+                    sheets[name].append((src.rgb, out_rgb, s.source_face.box, meta["quality"], s.identity))
+            per_mode[mode] = summarise(items, judges, mode, rate_interval)
+        params_used = json.loads((next(folder.glob("*.json"))).read_text())["params"]
+        rows_out[name] = {"method": method, "strength": strength, "params": params, "what": what,
+                          "params_used": params_used, "n_identities": len(subjects), "modes": per_mode}
+        print(json.dumps({name: {m: v["mean"] for m, v in per_mode.items()}}), flush=True)
+
+    report = {
+        "command": "python benchmarks/transfer.py " + " ".join(sys.argv[1:]),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "environment": {"torch": torch.__version__, "threads": args.threads, "machine": platform.machine()},
+        "protocol": {"attack_models": zoo, "judges": {j.name: j.calibrated_spec().thresholds for j in judges},
+                     "n_identities": len(subjects), "identities": [s.identity for s in subjects],
+                     "targets": [str(t.photo.relative_to(data)) for t in targets], "notes": notes},
+        "rows": rows_out,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(json.dumps(report, indent=1))
+    (args.out / f"{args.name}.md").write_text(markdown(report))
+    sheet_row = args.sheet_row or args.rows.split(",")[0]
+    if sheet_row in sheets:
+        from PIL import Image
+
+        from fluxguard.eval.contact_sheet import SheetRow, caption, contact_sheet
+
+        img = contact_sheet([SheetRow(a, b, box, caption(q, ident)) for a, b, box, q, ident in sheets[sheet_row]],
+                            title=f"{sheet_row}: {ROWS[sheet_row][3]}")
+        Image.fromarray(img).save(args.out / f"{args.name}_{sheet_row}.jpg", quality=88, subsampling=0, optimize=True)
+
+
+def summarise(items: list[dict], judges: list, mode: str, rate_interval: Any) -> dict[str, Any]:
+    """Per judge and mean PSR (+ Wilson interval over identities) for protected, social and clean; visibility."""
+    def success(cos: float, th: float) -> bool:
+        return cos < th if mode == "dodge" else cos > th
+
+    out: dict[str, Any] = {"judges": {}, "mean": {}, "interval": {}, "clean": {}, "social": {}, "kept": {}}
+    n = len(items)
+    for far in FARS:
+        shares = {"protected": np.zeros(n), "clean": np.zeros(n), "social": np.zeros(n)}
+        for j in judges:
+            th = j.calibrated_spec().thresholds[far]
+            row = {}
+            for kind in shares:
+                hits = np.array([success(it["judges"][j.name][kind], th) for it in items], float)
+                shares[kind] += hits / len(judges)
+                row[kind] = 100 * float(hits.mean())
+            out["judges"].setdefault(j.name, {})[far] = row
+        ri = rate_interval(float(shares["protected"].mean()), n)
+        out["mean"][far] = 100 * ri.value
+        out["interval"][far] = [100 * ri.low, 100 * ri.high]
+        out["clean"][far] = 100 * float(shares["clean"].mean())
+        out["social"][far] = 100 * float(shares["social"].mean())
+        out["kept"][far] = (out["social"][far] / out["mean"][far]) if out["mean"][far] else None
+    q = [it["quality"] for it in items]
+    out["quality"] = {k: float(np.mean([x[k] for x in q if x.get(k) is not None]))
+                      for k in ("delta_e_mean", "delta_e_p95", "visible", "ssim_mask")}
+    out["quality"]["max_colour_shift"] = float(max(max(abs(x[k]) for k in ("dL", "da", "db")) for x in q))
+    out["quality"]["changed_outside"] = int(sum(x["changed_outside"] for x in q))
+    out["seconds_per_face"] = float(np.mean([it["seconds"] for it in items]))
+    out["items"] = items
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    p = report["protocol"]
+    lines = [
+        "# Transfer at the visibility budget", "",
+        f"`{report['command']}` ({report['created']}, {report['environment']['threads']} torch thread). "
+        f"{p['n_identities']} eval-split identities, both modes; attack: {', '.join(p['attack_models'])}; "
+        f"judges never attacked: {', '.join(p['judges'])}. PSR = mean over judges, [Wilson 95 % interval over "
+        "identities]; clean = the unprotected photo scored the same way; social = after resize to 1080 px + JPEG 75 "
+        "(kept = social / PSR). Visibility on the saved photo over the face mask.", "",
+    ]
+    for mode in MODES:
+        if not any(mode in r["modes"] for r in report["rows"].values()):
+            continue
+        lines += [f"## {mode}", "",
+                  "| row | what | PSR @1e-1 | PSR @1e-2 | clean @1e-2 | social @1e-2 (kept) | dE2000 | visible | "
+                  "max colour shift | s/face |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for name, r in report["rows"].items():
+            m = r["modes"].get(mode)
+            if m is None:
+                continue
+            cells = []
+            for far in FARS:
+                lo, hi = m["interval"][far]
+                cells.append(f"{m['mean'][far]:.1f} [{lo:.0f}, {hi:.0f}]")
+            kept = m["kept"]["1e-2"]
+            q = m["quality"]
+            lines.append(
+                f"| {name} | {r['what']} | {cells[0]} | {cells[1]} | {m['clean']['1e-2']:.1f} | "
+                f"{m['social']['1e-2']:.1f} ({'–' if kept is None else f'{100 * kept:.0f} %'}) | "
+                f"{q['delta_e_mean']:.2f} | {100 * q['visible']:.1f} % | {q['max_colour_shift']:.2f} | "
+                f"{m['seconds_per_face']:.1f} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
