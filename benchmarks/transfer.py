@@ -1,4 +1,4 @@
-"""Transfer at the visibility budget: black-box PSR against FR models that were never attacked, with visibility columns.
+"""Transfer at the visibility budget: black-box PSR against FR models never attacked, with visibility columns.
 
 Protocol (the cheap black-box check that ablations need; the leave-one-out table is ``benchmarks/protection.py``):
 

@@ -42,8 +42,8 @@ _GRAD_KERNELS = (
 TEXTURE_GAIN = 0.117  # Yang et al.'s eta
 OVERLAP = 0.3  # C_lt of the nonlinear additivity model
 EDGE_WEIGHT = 0.1  # texture masking kept on structural edges
-EDGE_SIGMA = 2.0
-DETAIL_SIGMA = 2.0  # px: the detail layer on which texture masking is measured is the luma minus its blur  # Canny scale (px on a 256 px portrait crop): contours of eyes, lips, jaw; not hair strands
+EDGE_SIGMA = 2.0  # Canny scale (px on a 256 px portrait crop): contours of eyes, lips, jaw; not hair strands
+DETAIL_SIGMA = 2.0  # px: texture masking is measured on the detail layer, the luma minus its blur
 
 
 CAST_TOLERANCE = 0.1 / 255  # mean change per channel over the mask the final projection leaves alone
