@@ -306,14 +306,15 @@ def build_app(service: WebService, *, max_queue: int = 16) -> Any:
         gr.Markdown(INTRO)
         with gr.Row():
             with gr.Column(scale=1):
-                files = gr.File(label=f"Photo(s) (JPEG, PNG, WebP, TIFF, BMP; up to {service.max_photos})",
-                                file_count="multiple", file_types=["image"], elem_id="photos")
+                files = gr.File(label=f"Photo(s) (JPEG, PNG, WebP, HEIC, AVIF, TIFF, BMP; up to "
+                                      f"{service.max_photos})", file_count="multiple",
+                                file_types=["image", ".heic", ".heif", ".avif"], elem_id="photos")
                 method = gr.Dropdown(service.methods, value=service.default_method, label="Method",
                                      elem_id="method")
                 mode = gr.Radio(["dodge", "impersonate"], value="dodge", label="Mode", elem_id="mode",
                                 info="dodge: FR must not recognise you; impersonate: FR should see the target")
-                target = gr.File(label="Target face (impersonate)", file_types=["image"], visible=False,
-                                 elem_id="target")
+                target = gr.File(label="Target face (impersonate)", file_types=["image", ".heic", ".heif", ".avif"],
+                                 visible=False, elem_id="target")
                 strength = gr.Radio(strengths, value="medium" if "medium" in strengths else None, label="Strength",
                                     visible=bool(strengths), elem_id="strength")
                 edit = gr.Textbox(label="Edit prompt (optional)", placeholder="e.g. red lipstick",

@@ -54,7 +54,7 @@ def extract(
 ) -> None:
     """Detect, align and embed every face: one template per face, with the model, its weights' sha256 and the
     source file names."""
-    from fluxguard.cli.protect import expand_inputs
+    from fluxguard.batch import expand_inputs
     from fluxguard.features.templates import extract_templates
     from fluxguard.recognition import FR_MODELS
 
@@ -141,7 +141,7 @@ def _protect_store(src: Path, dst: Path, config: object, shadow: Path | None, mo
     from rich.markup import escape
 
     from fluxguard import dist
-    from fluxguard.cli.protect import EXIT_SOME_FAILED
+    from fluxguard.batch import EXIT_SOME_FAILED
     from fluxguard.features.advface import AdvFace
 
     if src.suffix == ".npz":
