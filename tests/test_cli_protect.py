@@ -345,3 +345,33 @@ def test_grayscale_png_stays_grayscale(tmp_path: Path, faces) -> None:
         assert im.mode == "L"  # one channel: no tint
         out = np.asarray(im)
     assert out.shape == grey.shape and 0 < np.abs(out.astype(int) - grey).max() <= 255
+
+
+@pytest.mark.parametrize(("fmt", "ext"), [("HEIF", ".heic"), ("AVIF", ".avif")])
+def test_heic_and_avif_photos_are_protected_in_their_format_without_metadata(tmp_path: Path, faces, fmt: str,
+                                                                              ext: str) -> None:
+    from fluxguard.io import can_write
+
+    astronaut = faces["astronaut"]  # skimage's astronaut at half size
+    if not can_write(fmt):
+        pytest.skip(f"this Pillow has no {fmt} writer")  # pillow-heif / a Pillow built with libavif
+    exif = Image.Exif()
+    exif[0x010F] = "PhoneMaker"  # Make
+    exif[0x8825] = {2: (48.0, 51.0, 24.0)}  # GPS latitude: what must not leak
+    photo = tmp_path / f"IMG_0001{ext}"
+    Image.fromarray(astronaut).save(photo, format=fmt, quality=90, exif=exif.tobytes())
+    with Image.open(photo) as im:
+        assert im.format == fmt and im.getexif()  # the input really carries the metadata
+    out = tmp_path / "out"
+    code, text = run(str(photo), "--out", str(out), "--method", "pgd", "--param", "steps=1", "--fr-models",
+                     "mobileface", "--judges", "mobileface")
+    assert code == 0, text
+    entry = summary(out)["photos"][0]
+    assert entry["status"] == "protected" and len(entry["faces"]) == 1 and "note" not in entry
+    dest = out / f"IMG_0001_protected{ext}"
+    assert entry["output"] == str(dest)
+    with Image.open(dest) as im:
+        assert im.format == fmt and im.size == (astronaut.shape[1], astronaut.shape[0])
+        assert not im.getexif() and not im.info.get("exif") and not im.info.get("xmp")
+        protected = np.asarray(im.convert("RGB"))
+    assert np.abs(protected.astype(int) - astronaut).mean() < 8  # the same photo, lossy-coded, plus the change
