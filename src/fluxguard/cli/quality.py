@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from fluxguard.cli import app
 from fluxguard.cli._common import console, friendly_errors, print_json
@@ -90,7 +91,7 @@ def quality(
     cols = ["psnr", "ssim", "ms_ssim"] + (["lpips"] if lp is not None else [])
     table = Table("original", "protected", *cols)
     for r in rows:
-        table.add_row(Path(r["original"]).name, Path(r["protected"]).name,
+        table.add_row(escape(Path(r["original"]).name), escape(Path(r["protected"]).name),
                       *["–" if r.get(c) is None else f"{r[c]:.4f}" for c in cols])
     console.print(table)
     if "fid" in result:
