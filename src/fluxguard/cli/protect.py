@@ -145,7 +145,8 @@ def protect(
         raise ConfigError("no photos given (try --demo, or see --help)")
     inputs = expand_inputs(photos, recursive, exclude=out)
     if not inputs:
-        raise ConfigError("no image files found in the given folders")
+        raise ConfigError("no image files found in the given folders" + ("" if recursive else
+                          " (add -r to search their sub-folders)"))
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out)  # what a killed earlier run was writing; its finished outputs are whole
 
