@@ -375,3 +375,45 @@ def test_heic_and_avif_photos_are_protected_in_their_format_without_metadata(tmp
         assert not im.getexif() and not im.info.get("exif") and not im.info.get("xmp")
         protected = np.asarray(im.convert("RGB"))
     assert np.abs(protected.astype(int) - astronaut).mean() < 8  # the same photo, lossy-coded, plus the change
+
+
+def test_threads_pin_the_pixels_whatever_the_machine_would_choose(tmp_path: Path, faces) -> None:
+    """Same seed and the same --threads: the same bytes, even when the process default (what auto starts from)
+    differs; the summary records the thread count used."""
+    from conftest import torch_threads
+
+    photo = write(tmp_path / "me.png", faces["astronaut"])
+    outs = []
+    for default_threads in (2, 1):
+        o = tmp_path / f"o{default_threads}"
+        with torch_threads(default_threads):
+            code, text = run(str(photo), "--out", str(o), "--threads", "1", *FAST, "--param", "diversity_prob=1.0")
+        assert code == 0, text
+        assert summary(o)["threads"] == 1 and summary(o)["runs"][-1]["threads"] == 1
+        outs.append((o / "me_protected.png").read_bytes())
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize(("busy", "usable", "default", "chosen"),
+                         [(0.1, 2, 2, 2), (1.0, 2, 2, 1), (1.6, 2, 2, 1), (0.4, 8, 4, 4), (3.0, 8, 8, 5)])
+def test_auto_threads_leave_out_the_busy_cores(monkeypatch, busy: float, usable: int, default: int,
+                                              chosen: int) -> None:
+    from conftest import torch_threads
+
+    from fluxguard import threads
+
+    monkeypatch.setattr(threads, "busy_cpus", lambda sample_s=0: busy)
+    monkeypatch.setattr(threads, "usable_cpus", lambda: usable)
+    with torch_threads(default):
+        assert threads.choose_threads("auto") == chosen
+        assert threads.choose_threads(3) == 3  # a number is used as given
+
+
+@pytest.mark.parametrize(("args", "message"), [(["--threads", "0"], "--threads takes a number"),
+                                               (["--threads", "two"], "--threads takes a number"),
+                                               (["--threads", "2", "--ray", "local"], "--ray-cpus")])
+def test_bad_threads_are_argument_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    photo = tmp_path / "me.png"
+    Image.new("RGB", (8, 8)).save(photo)
+    code, text = run(str(photo), "--out", str(tmp_path / "o"), "--method", "pgd", *args)
+    assert code == 1 and message in " ".join(text.split()), text
