@@ -67,8 +67,8 @@ def reference(library, tmp_path_factory) -> tuple[Path, dict]:
     """The local batch (``fluxguard protect`` without --ray): its output folder and summary."""
     from typer.testing import CliRunner
 
-    from fluxguard.cli import app
     from fluxguard.batch import EXIT_UNREADABLE, SUMMARY_NAME
+    from fluxguard.cli import app
 
     out = tmp_path_factory.mktemp("local")
     res = CliRunner().invoke(app, ["protect", str(library), "--out", str(out), *CLI_ARGS])
@@ -125,8 +125,8 @@ def test_rerun_after_a_stopped_driver_and_a_killed_worker_loses_nothing(ray_clus
 def test_cli_protect_with_ray_matches_the_local_batch(ray_cluster, library, reference, tmp_path) -> None:
     from typer.testing import CliRunner
 
-    from fluxguard.cli import app
     from fluxguard.batch import SUMMARY_NAME
+    from fluxguard.cli import app
 
     ref_out, ref = reference
     args = ["protect", str(library), "--out", str(tmp_path), *CLI_ARGS, "--ray", "local", "--ray-workers", "2"]
