@@ -417,3 +417,13 @@ def test_bad_threads_are_argument_errors(tmp_path: Path, args: list[str], messag
     Image.new("RGB", (8, 8)).save(photo)
     code, text = run(str(photo), "--out", str(tmp_path / "o"), "--method", "pgd", *args)
     assert code == 1 and message in " ".join(text.split()), text
+
+
+def test_a_format_without_a_safe_writer_is_written_as_png_and_said(tmp_path: Path, faces) -> None:
+    photo = tmp_path / "animated.gif"
+    Image.fromarray(faces["astronaut"]).save(photo)  # GIF: a palette would quantise the protective change away
+    code, text = run(str(photo), "--out", str(tmp_path / "o"), *FAST)
+    assert code == 0, text
+    entry = summary(tmp_path / "o")["photos"][0]
+    assert entry["output"].endswith("animated_protected.png") and entry["note"].startswith("GIF input written as PNG")
+    assert "GIF input written as PNG" in " ".join(text.split())

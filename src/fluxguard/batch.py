@@ -152,7 +152,7 @@ def protect_one(protector: Any, src: Path, job: BatchJob, progress: Any = None,
                            job.suffix)
         entry["output"] = str(dest)
         if loaded.save_format != loaded.format:
-            entry["note"] = f"{loaded.format} input written as {loaded.save_format} (no writer for it here)"
+            entry["note"] = f"{loaded.format} input written as {loaded.save_format}"
         if dest.resolve() == src.resolve():
             raise ImageError("the output would replace the input; choose another --out or --suffix", path=src)
         if claimed is not None:

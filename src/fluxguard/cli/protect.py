@@ -210,6 +210,8 @@ def _run_with_progress(inputs: list[Path], job: BatchJob, make_protector: Any, p
             entry = summary_file.add(entry, run_params)
             if entry["status"] in ("failed", "unreadable"):
                 console.print(f"[red]{entry['status']}:[/] {escape(entry['message'])}")
+            if "note" in entry:  # e.g. the format the output was written in, when not the input's
+                console.print(f"[yellow]note:[/] {escape(entry['input'])}: {escape(entry['note'])}")
             bar.advance(photos_task)
             bar.update(stage_task, visible=False)
     return summary_file.finish(inputs)
