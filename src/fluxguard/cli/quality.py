@@ -11,8 +11,7 @@ from rich.markup import escape
 from fluxguard.cli import app
 from fluxguard.cli._common import console, friendly_errors, print_json
 from fluxguard.errors import ConfigError
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+from fluxguard.io import READ_EXTENSIONS
 
 
 def pair_files(original: Path, protected: Path, suffix: str) -> list[tuple[Path, Path]]:
@@ -21,11 +20,11 @@ def pair_files(original: Path, protected: Path, suffix: str) -> list[tuple[Path,
         return [(original, protected)]
     if not (original.is_dir() and protected.is_dir()):
         raise ConfigError("give two image files or two folders", path=original if not original.exists() else protected)
-    by_stem = {p.stem: p for p in sorted(original.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    by_stem = {p.stem: p for p in sorted(original.iterdir()) if p.suffix.lower() in READ_EXTENSIONS}
     pairs = []
     for p in sorted(protected.iterdir()):
         stem = p.stem.removesuffix(suffix) if suffix else p.stem
-        if p.suffix.lower() in IMAGE_SUFFIXES and stem in by_stem:
+        if p.suffix.lower() in READ_EXTENSIONS and stem in by_stem:
             pairs.append((by_stem[stem], p))
     if not pairs:
         raise ConfigError(f"no protected image in the folder matches an original by name (suffix {suffix!r})",
