@@ -76,9 +76,10 @@ def markdown(result: dict) -> str:
                      f"{', '.join(str(r['load_before']) for r in runs)} | "
                      f"{', '.join(sorted({r['output_sha256'] for r in runs}))} |")
     lines += ["", f"Command: `{result['command']}`", "",
-              "Wall time is the whole command (process start, imports, model loads, protection, writing). 'loaded': "
-              "a busy loop held one core during the run. Same --threads, same output bytes; a different thread count "
-              "changes float rounding and so the bytes."]
+              "Wall time is the whole command (process start, imports, model loads, protection, writing). 'idle': the "
+              "benchmark adds no load (other jobs may run: see the 1-minute load average before each run); 'loaded': "
+              "a busy loop holds one core during the run. Same --threads, same output bytes; a different thread "
+              "count changes float rounding and so the bytes."]
     if result.get("note"):
         lines += ["", f"**{result['note']}**"]
     return "\n".join(lines) + "\n"
@@ -104,7 +105,8 @@ def main() -> None:
             rows.append({"condition": condition, "threads": threads if threads != "default" else
                          f"{value} (torch default)", "runs": runs})
     result = {"cpus": os.cpu_count(), "torch": torch.__version__, "torch_default_threads": default,
-              "machine": platform.machine(), "command": "python benchmarks/threads.py " + " ".join(sys.argv[1:]),
+              "machine": platform.machine(), "command": f"python benchmarks/threads.py --repeats {args.repeats} "
+              f"--conditions {args.conditions} --threads {args.threads}",
               "note": args.note, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "threads.json").write_text(json.dumps(result, indent=1) + "\n")
