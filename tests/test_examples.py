@@ -37,6 +37,8 @@ def skip_reason(cmd: str) -> str | None:
     import torch
 
     words = shlex.split(cmd)
+    while words and "=" in words[0]:  # leading environment assignments (VAR=value command ...)
+        words = words[1:]
     if not words or words[0] != "fluxguard":
         if words[:3] == ["python3", "-m", "venv"]:
             return "creates a virtual environment (the tests already run in one)"
