@@ -94,7 +94,7 @@ def run_local(inputs: list[Path], make: Any, out: Path, threads: int) -> dict[st
     """The local batch: build the protector, then protect_one per photo (like ``fluxguard protect``)."""
     import torch
 
-    from fluxguard.cli.protect import BatchJob, protect_one
+    from fluxguard.batch import BatchJob, protect_one
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -110,7 +110,7 @@ def run_local(inputs: list[Path], make: Any, out: Path, threads: int) -> dict[st
 def run_ray(inputs: list[Path], make: Any, out: Path, workers: int, cpus: float) -> dict[str, float]:
     """The same batch through ``dist.protect_photos`` (results stream back as photos finish)."""
     from fluxguard import dist
-    from fluxguard.cli.protect import BatchJob
+    from fluxguard.batch import BatchJob
 
     t0 = time.perf_counter()
     first = None

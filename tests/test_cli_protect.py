@@ -84,7 +84,7 @@ def test_files_folders_globs_names_formats_and_summary(tmp_path: Path, faces) ->
 
     rec = summary(out)
     assert rec["method"] == "pgd" and rec["mode"] == "dodge" and rec["seed"] == 0 and "finished" in rec
-    assert rec["counts"] == {"protected": 4, "skipped": 0, "no_face": 0, "failed": 0}
+    assert rec["counts"] == {"protected": 4, "skipped": 0, "no_face": 0, "unreadable": 0, "failed": 0}
     assert rec["params"]["steps"] == 2 and rec["params"]["fr_models"] == ["mobileface"]
     e = by_name(rec)["me.jpg"]
     assert e["status"] == "protected" and e["output"] == str(out / "me_protected.jpg")
@@ -103,7 +103,8 @@ def test_recursive_mirrors_subfolders_and_skips_its_own_output(tmp_path: Path, f
     assert (out / "day1" / "face_protected.png").is_file() and (out / "day2" / "face_protected.png").is_file()
     code, text = run(str(root), "-r", "--out", str(out), *FAST)
     assert code == 0, text
-    assert summary(out)["counts"] == {"protected": 0, "skipped": 2, "no_face": 0, "failed": 0}
+    assert summary(out)["counts"] == {"protected": 0, "skipped": 2, "no_face": 0, "unreadable": 0,
+                                      "failed": 0}
 
 
 # ------------------------------------------------------------------------------------------------ presets / flags
@@ -186,10 +187,18 @@ def test_never_overwrites_and_resumes(tmp_path: Path, faces) -> None:
     code, text = run(str(src), "--out", str(out), *FAST)
     assert code == 0, text
     rec = summary(out)
-    assert rec["counts"] == {"protected": 1, "skipped": 1, "no_face": 0, "failed": 0}
+    assert rec["counts"] == {"protected": 1, "skipped": 1, "no_face": 0, "unreadable": 0, "failed": 0}
     second = by_name(rec)
     assert second["a.png"]["status"] == "skipped" and second["b.jpg"]["status"] == "protected"
     assert second["a.png"]["faces"] == first["a.png"]["faces"]  # what the first run measured is kept
+    # one summary for both runs: which photo each run did, and the earlier run's seconds stay the earlier run's
+    first_run = first["a.png"]["run"]
+    assert second["a.png"]["run"] == first_run and second["a.png"]["timings"] == first["a.png"]["timings"]
+    assert second["b.jpg"]["run"] == rec["started"] != first_run
+    assert [r["started"] for r in rec["runs"]] == [first_run, rec["started"]]
+    assert [r["counts"]["protected"] for r in rec["runs"]] == [2, 1]
+    table_row = next(line for line in text.splitlines() if line.startswith("│ a.png"))
+    assert "earlier run" in table_row
     assert a_out.read_bytes() == a_bytes and a_out.stat().st_mtime_ns == a_mtime  # untouched
     assert b_out.is_file()
 
@@ -267,20 +276,156 @@ def test_same_seed_same_bytes(tmp_path: Path, faces) -> None:
     assert outs[0] != outs[2]  # input diversity draws differ with the seed
 
 
-def test_exit_codes(tmp_path: Path, faces) -> None:
+def test_exit_codes_of_each_readme_case(tmp_path: Path, faces) -> None:
+    """README: 0 all protected, 1 bad arguments, 2 unreadable photos, 3 no face, 4 failed; 4 > 2 > 3 in a batch."""
     good = write(tmp_path / "good.png", faces["grace_hopper"])
     blank = write(tmp_path / "blank.png", np.full((160, 160, 3), 200, np.uint8))  # no face in it
     broken = tmp_path / "broken.jpg"
     broken.write_text("this is a text file with a .jpg name")
+    missing = tmp_path / "missing.png"
 
+    def status(out: str, name: str) -> str:
+        return by_name(summary(tmp_path / out))[name]["status"]
+
+    assert run(str(good), "--out", str(tmp_path / "ok"), *FAST)[0] == 0
+    code, text = run(str(good), "--out", str(tmp_path / "bad_arg"), *FAST, "--strength", "extreme")
+    assert code == 1, text
+    for name, path in (("missing", missing), ("broken", broken)):
+        code, text = run(str(path), "--out", str(tmp_path / name), *FAST)
+        assert code == 2, text
+        assert status(name, path.name) == "unreadable"
+    assert "no such file" in by_name(summary(tmp_path / "missing"))["missing.png"]["message"]
+    assert "not a recognised image format" in by_name(summary(tmp_path / "broken"))["broken.jpg"]["message"]
     code, text = run(str(blank), "--out", str(tmp_path / "o1"), *FAST)
     assert code == 3, text
-    assert by_name(summary(tmp_path / "o1"))["blank.png"]["status"] == "no_face"
+    assert status("o1", "blank.png") == "no_face"
 
+    # a batch with an unreadable photo and one without a face: 2 wins over 3, and the batch goes on
     code, text = run(str(good), str(blank), str(broken), "--out", str(tmp_path / "o2"), *FAST)
-    assert code == 4, text
-    rec = by_name(summary(tmp_path / "o2"))
-    assert [rec[n]["status"] for n in ("good.png", "blank.png", "broken.jpg")] == ["protected", "no_face", "failed"]
-    assert "not a recognised image format" in rec["broken.jpg"]["message"]
+    assert code == 2, text
+    assert [status("o2", n) for n in ("good.png", "blank.png", "broken.jpg")] == ["protected", "no_face",
+                                                                                 "unreadable"]
     assert (tmp_path / "o2" / "good_protected.png").is_file()  # one bad photo does not stop the batch
     assert "Traceback" not in text
+
+    # a photo that fails while being written (its output would replace it) wins over an unreadable one: 4
+    code, text = run(str(good), str(missing), "--out", str(tmp_path), "--suffix", "", *FAST)
+    assert code == 4, text
+    rec = by_name(json.loads((tmp_path / SUMMARY).read_text()))
+    assert rec["good.png"]["status"] == "failed" and rec["missing.png"]["status"] == "unreadable"
+
+
+def test_impersonation_summary_records_the_target(tmp_path: Path, faces) -> None:
+    import hashlib
+
+    photo = write(tmp_path / "me.png", faces["astronaut"])
+    target = write(tmp_path / "someone.jpg", faces["grace_hopper"])
+    code, text = run(str(photo), "--out", str(tmp_path / "o"), "--mode", "impersonate", "--target", str(target),
+                     *FAST)
+    assert code == 0, text
+    rec = summary(tmp_path / "o")
+    assert rec["mode"] == "impersonate"
+    assert rec["target"] == {"path": str(target), "sha256": hashlib.sha256(target.read_bytes()).hexdigest()}
+
+
+def test_demo_writes_outputs_only_into_out(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("FLUXGUARD_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    code, text = run("--demo", "--out", str(out), *FAST)
+    assert code == 0, text
+    assert sorted(p.name for p in out.rglob("*")) == ["astronaut_protected.png", SUMMARY]
+    assert summary(out)["photos"][0]["input"] == str(tmp_path / "cache" / "demo" / "astronaut.png")
+
+
+def test_grayscale_png_stays_grayscale(tmp_path: Path, faces) -> None:
+    grey = np.asarray(Image.fromarray(faces["astronaut"]).convert("L"))
+    photo = tmp_path / "grey.png"
+    Image.fromarray(grey).save(photo)
+    code, text = run(str(photo), "--out", str(tmp_path / "o"), *FAST)
+    assert code == 0, text
+    with Image.open(tmp_path / "o" / "grey_protected.png") as im:
+        assert im.mode == "L"  # one channel: no tint
+        out = np.asarray(im)
+    assert out.shape == grey.shape and 0 < np.abs(out.astype(int) - grey).max() <= 255
+
+
+@pytest.mark.parametrize(("fmt", "ext"), [("HEIF", ".heic"), ("AVIF", ".avif")])
+def test_heic_and_avif_photos_are_protected_in_their_format_without_metadata(tmp_path: Path, faces, fmt: str,
+                                                                              ext: str) -> None:
+    from fluxguard.io import can_write
+
+    astronaut = faces["astronaut"]  # skimage's astronaut at half size
+    if not can_write(fmt):
+        pytest.skip(f"this Pillow has no {fmt} writer")  # pillow-heif / a Pillow built with libavif
+    exif = Image.Exif()
+    exif[0x010F] = "PhoneMaker"  # Make
+    exif[0x8825] = {2: (48.0, 51.0, 24.0)}  # GPS latitude: what must not leak
+    photo = tmp_path / f"IMG_0001{ext}"
+    Image.fromarray(astronaut).save(photo, format=fmt, quality=90, exif=exif.tobytes())
+    with Image.open(photo) as im:
+        assert im.format == fmt and im.getexif()  # the input really carries the metadata
+    out = tmp_path / "out"
+    code, text = run(str(photo), "--out", str(out), "--method", "pgd", "--param", "steps=1", "--fr-models",
+                     "mobileface", "--judges", "mobileface")
+    assert code == 0, text
+    entry = summary(out)["photos"][0]
+    assert entry["status"] == "protected" and len(entry["faces"]) == 1 and "note" not in entry
+    dest = out / f"IMG_0001_protected{ext}"
+    assert entry["output"] == str(dest)
+    with Image.open(dest) as im:
+        assert im.format == fmt and im.size == (astronaut.shape[1], astronaut.shape[0])
+        assert not im.getexif() and not im.info.get("exif") and not im.info.get("xmp")
+        protected = np.asarray(im.convert("RGB"))
+    assert np.abs(protected.astype(int) - astronaut).mean() < 8  # the same photo, lossy-coded, plus the change
+
+
+def test_threads_pin_the_pixels_whatever_the_machine_would_choose(tmp_path: Path, faces) -> None:
+    """Same seed and the same --threads: the same bytes, even when the process default (what auto starts from)
+    differs; the summary records the thread count used."""
+    from conftest import torch_threads
+
+    photo = write(tmp_path / "me.png", faces["astronaut"])
+    outs = []
+    for default_threads in (2, 1):
+        o = tmp_path / f"o{default_threads}"
+        with torch_threads(default_threads):
+            code, text = run(str(photo), "--out", str(o), "--threads", "1", *FAST, "--param", "diversity_prob=1.0")
+        assert code == 0, text
+        assert summary(o)["threads"] == 1 and summary(o)["runs"][-1]["threads"] == 1
+        outs.append((o / "me_protected.png").read_bytes())
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize(("busy", "usable", "default", "chosen"),
+                         [(0.1, 2, 2, 2), (1.0, 2, 2, 1), (1.6, 2, 2, 1), (0.4, 8, 4, 4), (3.0, 8, 8, 5)])
+def test_auto_threads_leave_out_the_busy_cores(monkeypatch, busy: float, usable: int, default: int,
+                                              chosen: int) -> None:
+    from conftest import torch_threads
+
+    from fluxguard import threads
+
+    monkeypatch.setattr(threads, "busy_cpus", lambda sample_s=0: busy)
+    monkeypatch.setattr(threads, "usable_cpus", lambda: usable)
+    with torch_threads(default):
+        assert threads.choose_threads("auto") == chosen
+        assert threads.choose_threads(3) == 3  # a number is used as given
+
+
+@pytest.mark.parametrize(("args", "message"), [(["--threads", "0"], "--threads takes a number"),
+                                               (["--threads", "two"], "--threads takes a number"),
+                                               (["--threads", "2", "--ray", "local"], "--ray-cpus")])
+def test_bad_threads_are_argument_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    photo = tmp_path / "me.png"
+    Image.new("RGB", (8, 8)).save(photo)
+    code, text = run(str(photo), "--out", str(tmp_path / "o"), "--method", "pgd", *args)
+    assert code == 1 and message in " ".join(text.split()), text
+
+
+def test_a_format_without_a_safe_writer_is_written_as_png_and_said(tmp_path: Path, faces) -> None:
+    photo = tmp_path / "animated.gif"
+    Image.fromarray(faces["astronaut"]).save(photo)  # GIF: a palette would quantise the protective change away
+    code, text = run(str(photo), "--out", str(tmp_path / "o"), *FAST)
+    assert code == 0, text
+    entry = summary(tmp_path / "o")["photos"][0]
+    assert entry["output"].endswith("animated_protected.png") and entry["note"].startswith("GIF input written as PNG")
+    assert "GIF input written as PNG" in " ".join(text.split())

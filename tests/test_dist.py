@@ -16,7 +16,7 @@ import pytest
 from conftest import torch_threads
 from PIL import Image
 
-from fluxguard.cli.protect import BatchJob, expand_inputs
+from fluxguard.batch import BatchJob, expand_inputs
 from fluxguard.errors import FluxguardError, MissingDependencyError
 
 TESTS = Path(__file__).resolve().parent
@@ -67,14 +67,14 @@ def reference(library, tmp_path_factory) -> tuple[Path, dict]:
     """The local batch (``fluxguard protect`` without --ray): its output folder and summary."""
     from typer.testing import CliRunner
 
+    from fluxguard.batch import EXIT_UNREADABLE, SUMMARY_NAME
     from fluxguard.cli import app
-    from fluxguard.cli.protect import EXIT_SOME_FAILED, SUMMARY_NAME
 
     out = tmp_path_factory.mktemp("local")
     res = CliRunner().invoke(app, ["protect", str(library), "--out", str(out), *CLI_ARGS])
-    assert res.exit_code == EXIT_SOME_FAILED, res.output  # broken.jpg fails; the batch goes on
+    assert res.exit_code == EXIT_UNREADABLE, res.output  # broken.jpg cannot be read; the batch goes on
     summary = json.loads((out / SUMMARY_NAME).read_text())
-    assert summary["counts"] == {"protected": 3, "skipped": 0, "no_face": 1, "failed": 1}
+    assert summary["counts"] == {"protected": 3, "skipped": 0, "no_face": 1, "unreadable": 1, "failed": 0}
     return out, summary
 
 
@@ -83,8 +83,8 @@ def _outputs(d: Path) -> dict[str, bytes]:
 
 
 def _comparable(e: dict) -> dict:
-    """A summary entry without what differs between two runs (timings, the output folder)."""
-    return {k: (Path(v).name if k == "output" else v) for k, v in e.items() if k != "timings"}
+    """A summary entry without what differs between two runs (timings, the run's time, the output folder)."""
+    return {k: (Path(v).name if k == "output" else v) for k, v in e.items() if k not in ("timings", "run")}
 
 
 @pytest.mark.ray
@@ -125,13 +125,13 @@ def test_rerun_after_a_stopped_driver_and_a_killed_worker_loses_nothing(ray_clus
 def test_cli_protect_with_ray_matches_the_local_batch(ray_cluster, library, reference, tmp_path) -> None:
     from typer.testing import CliRunner
 
+    from fluxguard.batch import SUMMARY_NAME
     from fluxguard.cli import app
-    from fluxguard.cli.protect import SUMMARY_NAME
 
     ref_out, ref = reference
     args = ["protect", str(library), "--out", str(tmp_path), *CLI_ARGS, "--ray", "local", "--ray-workers", "2"]
     res = CliRunner().invoke(app, args)
-    assert res.exit_code == 4, res.output  # the same exit code: broken.jpg failed, the others went through
+    assert res.exit_code == 2, res.output  # the same exit code: broken.jpg is unreadable, the others went through
     got = json.loads((tmp_path / SUMMARY_NAME).read_text())
     assert got["counts"] == ref["counts"] and got["params"] == ref["params"]
     assert [_comparable(e) for e in got["photos"]] == [_comparable(e) for e in ref["photos"]]  # input order

@@ -281,3 +281,29 @@ def test_write_bytes_atomic_leaves_no_partial_file(tmp_path: Path) -> None:
     write_bytes_atomic(dest, b"abc")
     assert dest.read_bytes() == b"abc"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt", "written"),
+    [("L", "PNG", "L"), ("L", "JPEG", "L"), ("LA", "PNG", "LA"), ("I;16", "PNG", "I;16"), ("I;16", "TIFF", "I;16"),
+     ("L", "WEBP", "RGB"), ("RGB", "PNG", "RGB"), ("P", "PNG", "RGB"), ("CMYK", "JPEG", "RGB")],
+)
+def test_save_keeps_a_grey_input_grey_where_the_format_stores_grey(tmp_path: Path, mode: str, fmt: str,
+                                                                  written: str) -> None:
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (24, 32), dtype=np.uint8)
+    if mode == "I;16":
+        src = Image.fromarray(grey.astype(np.uint16) * 257)
+    elif mode == "LA":
+        src = Image.merge("LA", [Image.fromarray(grey), Image.fromarray(np.full_like(grey, 128))])
+    else:
+        src = Image.fromarray(grey).convert(mode)
+    buf = io.BytesIO()
+    src.save(buf, format="TIFF" if mode in ("CMYK", "I;16") else "PNG")
+    loaded = load_image(buf.getvalue())
+    out = save_image(tmp_path / f"out.{fmt.lower()}", loaded.rgb, like=loaded, fmt=fmt)
+    with Image.open(out) as im:
+        assert im.mode == written
+        if written in ("L", "I;16") and fmt != "JPEG":  # (LA: grey is composited on white for the models)
+            back = np.asarray(im).astype(np.int64)
+            assert np.array_equal(back // 257 if written == "I;16" else back, grey)  # lossless: the same levels

@@ -3,7 +3,7 @@
 Two jobs, both a Ray Data pipeline over a list of work items (photos, or template shards) mapped by a fixed pool
 of actors; each actor builds its model(s) once (``make_protector()``), then takes ``batch_size`` items at a time:
 
-- :func:`protect_photos`: every photo goes through :func:`fluxguard.cli.protect.protect_one`, the function the local
+- :func:`protect_photos`: every photo goes through :func:`fluxguard.batch.protect_one`, the function the local
   ``fluxguard protect`` loop calls, so outputs, names, resume (an existing output is skipped) and summary entries
   are the same. Outputs are written atomically and never clobbered, so a re-run after a killed worker or driver
   produces each output once. Ray restarts a dead actor and retries its batch; photos of that batch finished
@@ -37,7 +37,7 @@ from fluxguard.errors import ConfigError, FluxguardError, MissingDependencyError
 if TYPE_CHECKING:
     import torch
 
-    from fluxguard.cli.protect import BatchJob
+    from fluxguard.batch import BatchJob
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class _PhotoWorker:
             self.fatal, self.params = str(e), "null"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from fluxguard.cli.protect import protect_one
+        from fluxguard.batch import protect_one
 
         entries = _batch_entries(batch["path"], self.fatal, lambda src: protect_one(self.protector, src, self.job))
         n = len(entries)
@@ -206,7 +206,7 @@ def protect_photos(
     """Protect photos on Ray; yields ``(summary entry, protector params)`` per photo as photos finish.
 
     Args:
-        inputs: photo files (``fluxguard.cli.protect.expand_inputs``); paths every worker can read.
+        inputs: photo files (:func:`fluxguard.batch.expand_inputs`); paths every worker can read.
         make_protector: builds a :class:`fluxguard.api.Protector` (picklable, e.g. ``functools.partial``); called
             once per worker.
         job: output folder, suffix, seed, ... shared by every photo.
@@ -388,7 +388,7 @@ def protect_template_store(
     Returns:
         The summary: ``shards`` (entries in shard order), ``counts``, ``templates`` (rows protected in this run).
     """
-    from fluxguard.cli.protect import _write_summary
+    from fluxguard.batch import write_summary
 
     shards = list_shards(src)
     out_dir = Path(out)
@@ -418,7 +418,7 @@ def protect_template_store(
         counts[entry["status"]] += 1
         record["shards"].append(entry)
         record["counts"] = counts
-        _write_summary(summary_path, record)
+        write_summary(summary_path, record)
         if on_entry is not None:
             on_entry(entry)
     order = {str(s): i for i, s in enumerate(shards)}
@@ -426,5 +426,5 @@ def protect_template_store(
     record["counts"] = counts
     record["templates"] = sum(e.get("count", 0) for e in record["shards"] if e["status"] == "protected")
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    _write_summary(summary_path, record)
+    write_summary(summary_path, record)
     return record

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from fluxguard.errors import ConfigError, FluxguardError, NoFaceError
+from fluxguard.errors import ConfigError, FluxguardError
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,8 @@ class WebService:
         Raises:
             FluxguardError: bad settings, or not one photo could be protected (the message says why, per file).
         """
-        from fluxguard.io import load_image, output_path
+        from fluxguard.batch import BatchJob, protect_one
+        from fluxguard.io import load_image
 
         files = [f for f in (files or []) if f]
         if not files:
@@ -198,24 +199,25 @@ class WebService:
         result = WebResult()
         with self._lock:
             protector = self.protector(method, mode, strength, edit)
+            # the batch core of `fluxguard protect`: same output names, formats, statuses, no metadata
+            job = BatchJob(out=out_dir, seed=seed, target=target_image, max_pixels=self.max_pixels)
+            claimed: dict[Path, Path] = {}
             for i, path in enumerate(files):
                 name = Path(path).name
-                try:
-                    loaded = load_image(path, max_pixels=self.max_pixels)
-                    res = protector.protect(loaded, target=target_image, seed=seed,
-                                            progress=_prefixed(progress, f"{name} ({i + 1}/{len(files)})"))
-                except NoFaceError:
+                entry = protect_one(protector, Path(path), job, _prefixed(progress, f"{name} ({i + 1}/{len(files)})"),
+                                    claimed)
+                if entry["status"] == "no_face":
                     result.messages.append(f"{name}: no face found, nothing to protect")
                     continue
-                except FluxguardError as e:
-                    result.messages.append(f"{name}: {_strip_path(str(e), path)}")
+                if entry["status"] != "protected":
+                    result.messages.append(f"{name}: {_strip_path(entry['message'], path)}")
                     continue
-                dest = res.save(output_path(name, out_dir, loaded.save_format))  # no EXIF/GPS, like the CLI
-                result.files.append(str(dest))
-                if result.after is None:
-                    result.before, result.after = loaded.rgb, res.image
-                for j, face in enumerate(res.faces):
-                    for model, s in face.similarity.items():
+                result.files.append(entry["output"])
+                if result.after is None:  # the first photo, before and as saved
+                    result.before = load_image(path, max_pixels=self.max_pixels).rgb
+                    result.after = load_image(entry["output"]).rgb
+                for j, face in enumerate(entry["faces"]):
+                    for model, s in face["similarity"].items():
                         th = s.get("threshold_far_1e-2")
                         result.rows.append([name, j + 1, model, "yes" if s["attacked"] else "no (held out)",
                                             s["before"], s["after"], None if th is None else round(th, 3),
@@ -306,14 +308,15 @@ def build_app(service: WebService, *, max_queue: int = 16) -> Any:
         gr.Markdown(INTRO)
         with gr.Row():
             with gr.Column(scale=1):
-                files = gr.File(label=f"Photo(s) (JPEG, PNG, WebP, TIFF, BMP; up to {service.max_photos})",
-                                file_count="multiple", file_types=["image"], elem_id="photos")
+                files = gr.File(label=f"Photo(s) (JPEG, PNG, WebP, HEIC, AVIF, TIFF, BMP; up to "
+                                      f"{service.max_photos})", file_count="multiple",
+                                file_types=["image", ".heic", ".heif", ".avif"], elem_id="photos")
                 method = gr.Dropdown(service.methods, value=service.default_method, label="Method",
                                      elem_id="method")
                 mode = gr.Radio(["dodge", "impersonate"], value="dodge", label="Mode", elem_id="mode",
                                 info="dodge: FR must not recognise you; impersonate: FR should see the target")
-                target = gr.File(label="Target face (impersonate)", file_types=["image"], visible=False,
-                                 elem_id="target")
+                target = gr.File(label="Target face (impersonate)", file_types=["image", ".heic", ".heif", ".avif"],
+                                 visible=False, elem_id="target")
                 strength = gr.Radio(strengths, value="medium" if "medium" in strengths else None, label="Strength",
                                     visible=bool(strengths), elem_id="strength")
                 edit = gr.Textbox(label="Edit prompt (optional)", placeholder="e.g. red lipstick",

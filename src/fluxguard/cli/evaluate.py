@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from fluxguard.cli._app import app
 from fluxguard.cli._common import console, friendly_errors, split_names
@@ -78,4 +79,4 @@ def evaluate(
                                             "purification", "notes")})
     else:
         console.print(markdown(results), markup=False, highlight=False, soft_wrap=True)
-        console.print(f"\nwritten: {out / 'results.json'}, {out / 'results.md'}, {out / 'report.html'}")
+        console.print(escape(f"\nwritten: {out / 'results.json'}, {out / 'results.md'}, {out / 'report.html'}"))

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from fluxguard.cli._app import app
 from fluxguard.cli._common import console, friendly_errors, print_json
@@ -40,7 +41,7 @@ def faces_command(
         except FluxguardError as e:
             if len(photos) == 1:
                 raise
-            console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
             results.append({"path": str(path), "error": str(e)})
             exit_code = max(exit_code, e.exit_code)
             continue
@@ -64,7 +65,7 @@ def _print_tables(results: list[dict]) -> None:
             continue
         n = len(res["faces"])
         table = Table(
-            title=f"{res['path']} ({res['width']}x{res['height']}): {n} face{'s' if n != 1 else ''}",
+            title=escape(f"{res['path']} ({res['width']}x{res['height']}): {n} face{'s' if n != 1 else ''}"),
             title_justify="left",
             caption="box: x0,y0,x1,y1; points: x,y px; L/R = viewer's left/right",
             caption_justify="left",

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from fluxguard.cli._app import app
 from fluxguard.cli._common import console, friendly_errors, print_json, split_names
@@ -54,7 +55,7 @@ def extract(
 ) -> None:
     """Detect, align and embed every face: one template per face, with the model, its weights' sha256 and the
     source file names."""
-    from fluxguard.cli.protect import expand_inputs
+    from fluxguard.batch import expand_inputs
     from fluxguard.features.templates import extract_templates
     from fluxguard.recognition import FR_MODELS
 
@@ -66,9 +67,9 @@ def extract(
         raise FluxguardError("output exists; pass --overwrite to replace it", path=out)
     ts, missed = extract_templates(files, model, all_faces=not best_face)
     ts.save(out, overwrite=overwrite)
-    console.print(f"{len(ts)} template(s) of {len(files) - len(missed)} photo(s) -> {out} ({model}, "
-                  f"{ts.dim}-d)" + (f"; no face in {len(missed)}: {', '.join(Path(m).name for m in missed)}"
-                                    if missed else ""))
+    console.print(escape(f"{len(ts)} template(s) of {len(files) - len(missed)} photo(s) -> {out} ({model}, "
+                         f"{ts.dim}-d)" + (f"; no face in {len(missed)}: {', '.join(Path(m).name for m in missed)}"
+                                           if missed else "")))
 
 
 @features_app.command()
@@ -91,8 +92,8 @@ def protect(
     model: str = typer.Option(None, "--model", "-m", help="Expected FR model of the templates (checked); needed "
                               "for a template store."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace DST if it exists."),
-    ray: str = typer.Option(None, "--ray", metavar="ADDRESS", help="Protect a template store on Ray (pip install "
-                            "'fluxguard[dist]'): 'local', 'auto' or a head address.",
+    ray: str = typer.Option(None, "--ray", metavar="ADDRESS", help=escape("Protect a template store on Ray (pip "
+                            "install 'fluxguard[dist]'): 'local', 'auto' or a head address."),
                             rich_help_panel="Template stores"),
     ray_workers: int = typer.Option(None, "--ray-workers", min=1, help="Ray workers (default: one per CPU).",
                                     rich_help_panel="Template stores"),
@@ -123,8 +124,9 @@ def protect(
     adv.check_templates(ts)
     res = adv.run(ts.embeddings)
     ts.with_protection(res.templates, adv.describe()).save(dst, overwrite=overwrite)
-    console.print(f"{len(ts)} {ts.model} template(s) protected (variant {adv.config.variant}) -> {dst}; cosine to "
-                  f"clean min {np.min(res.cosine, initial=1):.3f}, mean {np.mean(res.cosine) if len(ts) else 1:.3f}")
+    console.print(escape(f"{len(ts)} {ts.model} template(s) protected (variant {adv.config.variant}) -> {dst}; "
+                         f"cosine to clean min {np.min(res.cosine, initial=1):.3f}, mean "
+                         f"{np.mean(res.cosine) if len(ts) else 1:.3f}"))
 
 
 def _advface_protect(model: str, config: object, shadow: Path | None):
@@ -138,10 +140,8 @@ def _protect_store(src: Path, dst: Path, config: object, shadow: Path | None, mo
                    ray: str | None, ray_workers: int | None, seed: int) -> None:
     import functools
 
-    from rich.markup import escape
-
     from fluxguard import dist
-    from fluxguard.cli.protect import EXIT_SOME_FAILED
+    from fluxguard.batch import EXIT_SOME_FAILED
     from fluxguard.features.advface import AdvFace
 
     if src.suffix == ".npz":
@@ -156,8 +156,8 @@ def _protect_store(src: Path, dst: Path, config: object, shadow: Path | None, mo
         on_entry=lambda e: console.print(escape(f"{Path(e['input']).name}: {e['status']}"
                                                 + (f" ({e['message']})" if "message" in e else ""))))
     c = rec["counts"]
-    console.print(f"{rec['templates']} {model} template(s) protected in {c['protected']} shard(s) -> {dst}; "
-                  f"{c['skipped']} shard(s) already done, {c['failed']} failed")
+    console.print(escape(f"{rec['templates']} {model} template(s) protected in {c['protected']} shard(s) -> {dst}; "
+                         f"{c['skipped']} shard(s) already done, {c['failed']} failed"))
     if c["failed"]:
         raise typer.Exit(EXIT_SOME_FAILED)
 
@@ -215,7 +215,7 @@ def evaluate(
     results = run_evaluation(data, models, configs, attackers=attackers, thresholds=table, limit=limit,
                              detections=detections, out=out, command="fluxguard " + " ".join(sys.argv[1:]),
                              seed=seed, train_attackers=train_attackers, attacker_steps=attacker_steps,
-                             progress=lambda s: console.print(s))
+                             progress=lambda s: console.print(escape(s)))
     if as_json:
         print_json(results)
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from fluxguard.cli._app import app
 from fluxguard.cli._common import console, friendly_errors, print_json, split_names
@@ -37,7 +38,7 @@ def models(
         th = d["thresholds"].get("1e-2")
         t.add_row(d["name"], str(d["embedding_size"]), f"{d['crop_size']} px", "yes" if d["shipped"] else "no",
                   "yes" if d["available"] else "no", "-" if th is None else f"{th:.3f}",
-                  d["licence"].split(" (")[0])
+                  escape(d["licence"].split(" (")[0]))
     Console().print(t)
 
 
@@ -86,4 +87,4 @@ def calibrate(
     for n in names:
         th = table["models"][n]["thresholds"]
         console.print(f"{n}: " + ", ".join(f"FAR {k}: {v:.4f}" for k, v in th.items()))
-    console.print(f"wrote {dest}")
+    console.print(escape(f"wrote {dest}"))

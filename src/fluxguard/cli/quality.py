@@ -8,12 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from fluxguard.cli._app import app
 from fluxguard.cli._common import console, friendly_errors, print_json
 from fluxguard.errors import ConfigError
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+from fluxguard.io import READ_EXTENSIONS
 
 
 def pair_files(original: Path, protected: Path, suffix: str) -> list[tuple[Path, Path]]:
@@ -22,11 +22,11 @@ def pair_files(original: Path, protected: Path, suffix: str) -> list[tuple[Path,
         return [(original, protected)]
     if not (original.is_dir() and protected.is_dir()):
         raise ConfigError("give two image files or two folders", path=original if not original.exists() else protected)
-    by_stem = {p.stem: p for p in sorted(original.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    by_stem = {p.stem: p for p in sorted(original.iterdir()) if p.suffix.lower() in READ_EXTENSIONS}
     pairs = []
     for p in sorted(protected.iterdir()):
         stem = p.stem.removesuffix(suffix) if suffix else p.stem
-        if p.suffix.lower() in IMAGE_SUFFIXES and stem in by_stem:
+        if p.suffix.lower() in READ_EXTENSIONS and stem in by_stem:
             pairs.append((by_stem[stem], p))
     if not pairs:
         raise ConfigError(f"no protected image in the folder matches an original by name (suffix {suffix!r})",
@@ -94,7 +94,7 @@ def quality(
     for col in ("original", "protected", *cols):
         table.add_column(col, overflow="fold")
     for r in rows:
-        table.add_row(Path(r["original"]).name, Path(r["protected"]).name,
+        table.add_row(escape(Path(r["original"]).name), escape(Path(r["protected"]).name),
                       *["–" if r.get(c) is None else f"{r[c]:.4f}" for c in cols])
     console.print(table)
     faces = Table(title="per face, over its mask (as people see it)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 
 from fluxguard.cli._app import app
 from fluxguard.cli._common import console, friendly_errors, split_names
@@ -48,10 +49,10 @@ def serve(
                              judges=split_names(judges), params=parse_params(param), device=device,
                              max_pixels=max_pixels, max_photos=max_photos)
     if host not in ("127.0.0.1", "localhost", "::1"):
-        console.print(f"[yellow]warning:[/] listening on {host}: anyone who can reach this machine can upload "
+        console.print(f"[yellow]warning:[/] listening on {escape(host)}: anyone who can reach this machine can upload "
                       "photos and use its CPU/GPU")
-    console.print(f"fluxguard web UI on http://{'[' + host + ']' if ':' in host else host}:{port} "
-                  "(Ctrl+C to stop)")
+    console.print(escape(f"fluxguard web UI on http://{'[' + host + ']' if ':' in host else host}:{port} "
+                         "(Ctrl+C to stop)"))
     try:
         web.serve(service, host=host, port=port, max_file_mb=max_file_mb, max_queue=max_queue)
     finally:

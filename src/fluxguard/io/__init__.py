@@ -2,10 +2,13 @@
 
 from fluxguard.io.image import (
     DEFAULT_MAX_PIXELS,
+    READ_EXTENSIONS,
     LoadedImage,
+    can_write,
     encode_image,
     format_for_path,
     load_image,
+    output_mode,
     output_path,
     remove_stale_partials,
     save_image,
@@ -14,10 +17,13 @@ from fluxguard.io.image import (
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "READ_EXTENSIONS",
     "LoadedImage",
+    "can_write",
     "encode_image",
     "format_for_path",
     "load_image",
+    "output_mode",
     "output_path",
     "remove_stale_partials",
     "save_image",

@@ -3,14 +3,17 @@
 Loading sniffs the content (never trusts the extension), applies the EXIF orientation, and converts every Pillow
 mode (CMYK, grey, 16-bit, palette, alpha) to 8-bit RGB; transparency is composited on white for the face models and
 kept separately so it can be put back on save. A header that claims more pixels than ``max_pixels`` is refused
-before anything is decoded.
+before anything is decoded. HEIC/HEIF photos are read through ``pillow-heif``, AVIF through Pillow itself.
 
 Saving is atomic (a temporary file in the same folder, then a no-clobber link or rename), never writes over an input,
-refuses an existing output unless asked, and writes no EXIF, GPS or XMP metadata.
+refuses an existing output unless asked, and writes no EXIF, GPS or XMP metadata. A result keeps the input's format
+where a writer for it exists (else :attr:`LoadedImage.save_format` names the one used) and its grey mode where the
+format stores grey (8 or 16 bit); everything else is written as 8-bit RGB(A).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -28,10 +31,17 @@ from fluxguard.errors import ImageError
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 100_000_000  # 100 MP: above any phone or DSLR photo, far below a decompression bomb
-SAVE_FORMATS = {"JPEG", "PNG", "WEBP", "TIFF", "BMP"}
-EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "TIFF": ".tif", "BMP": ".bmp"}
+SAVE_FORMATS = {"JPEG", "PNG", "WEBP", "TIFF", "BMP", "HEIF", "AVIF"}
+EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "TIFF": ".tif", "BMP": ".bmp", "HEIF": ".heic",
+              "AVIF": ".avif"}
 _EXT_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF",
-                ".bmp": "BMP"}
+                ".bmp": "BMP", ".heic": "HEIF", ".heif": "HEIF", ".avif": "AVIF"}
+READ_EXTENSIONS = frozenset({*_EXT_FORMATS, ".gif"})  # what a folder contributes to a batch
+_LOSSY_FORMATS = {"JPEG", "WEBP", "HEIF", "AVIF"}  # written at ``quality`` (default DEFAULT_JPEG_QUALITY)
+# Input modes written back as grey, per format that stores grey; 16-bit grey stays 16-bit where the format can.
+_GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
+_GREY_FORMATS = {"PNG", "TIFF", "JPEG", "BMP", "AVIF"}
+_GREY16_FORMATS = {"PNG", "TIFF"}
 # Formats that lose the protective signal if written (palette quantisation) are saved as PNG instead.
 _FALLBACK_FORMAT = {"GIF": "PNG", "MPO": "JPEG", "ICO": "PNG", "PPM": "PNG", "TGA": "PNG", "PCX": "PNG"}
 DEFAULT_JPEG_QUALITY = 95
@@ -57,8 +67,29 @@ class LoadedImage:
 
     @property
     def save_format(self) -> str:
-        """The format a result is written in by default: the input's, unless that format would destroy it."""
-        return _FALLBACK_FORMAT.get(self.format, self.format if self.format in SAVE_FORMATS else "PNG")
+        """The format a result is written in by default: the input's, unless that format would destroy it or
+        there is no writer for it here (then PNG)."""
+        fmt = _FALLBACK_FORMAT.get(self.format, self.format)
+        return fmt if fmt in SAVE_FORMATS and can_write(fmt) else "PNG"
+
+
+@functools.cache
+def _enable_heif() -> bool:
+    """Register pillow-heif's HEIF reader and writer with Pillow, on first use (not at import)."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return False
+    register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)  # the main picture only
+    return True
+
+
+def can_write(fmt: str) -> bool:
+    """Whether this installation can encode ``fmt`` (HEIF needs pillow-heif, AVIF a Pillow built with libavif)."""
+    if fmt == "HEIF":
+        _enable_heif()
+    Image.init()
+    return fmt in Image.SAVE
 
 
 def _to_rgb_and_alpha(im: Image.Image, source: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -116,6 +147,7 @@ def load_image(src: str | os.PathLike[str] | bytes, *, max_pixels: int = DEFAULT
         raise ImageError("SVG (vector) images are not supported; export it as PNG or JPEG first", path=source)
 
     warns: list[str] = []
+    _enable_heif()
     try:
         with warnings.catch_warnings():
             # Pillow's own bomb check is replaced by ours (configurable, and an error rather than a warning).
@@ -172,6 +204,18 @@ def output_path(input_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
     return Path(out_dir) / f"{p.stem}{suffix}{ext}"
 
 
+def output_mode(input_mode: str, fmt: str) -> str:
+    """The Pillow mode a result is written in: the input's grey (``L``, or ``I;16`` for 16-bit grey) where ``fmt``
+    stores it, else ``RGB`` (colour, palette and CMYK inputs: a palette or CMYK re-encoding would mangle the
+    protective change)."""
+    if input_mode not in _GREY_MODES or fmt not in _GREY_FORMATS:
+        return "RGB"
+    return "I;16" if input_mode.startswith("I") and fmt in _GREY16_FORMATS else "L"
+
+
+_ICC_SPACES = {"RGB": b"RGB ", "L": b"GRAY", "I;16": b"GRAY"}
+
+
 def encode_image(
     rgb: np.ndarray,
     fmt: str,
@@ -179,26 +223,39 @@ def encode_image(
     alpha: np.ndarray | None = None,
     quality: int | None = None,
     icc_profile: bytes | None = None,
+    mode: str = "RGB",
 ) -> bytes:
-    """Encode 8-bit RGB (+ optional alpha) to ``fmt`` with no EXIF/GPS/XMP metadata."""
+    """Encode 8-bit RGB (+ optional alpha) to ``fmt`` in ``mode`` (``RGB``, ``L`` or ``I;16``) with no EXIF/GPS/XMP
+    metadata; an ICC profile of another colour space than ``mode`` (a CMYK input's) is dropped."""
     fmt = fmt.upper()
     if fmt == "JPG":
         fmt = "JPEG"
-    if fmt not in SAVE_FORMATS:
-        raise ImageError(f"cannot write format {fmt!r}; use one of {', '.join(sorted(SAVE_FORMATS))}")
+    if fmt not in SAVE_FORMATS or not can_write(fmt):
+        writable = sorted(f for f in SAVE_FORMATS if can_write(f))
+        raise ImageError(f"cannot write format {fmt!r} here; use one of {', '.join(writable)}")
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected (H, W, 3) uint8, got {rgb.shape} {rgb.dtype}")
+    if mode not in _ICC_SPACES:
+        raise ValueError(f"mode must be one of {', '.join(_ICC_SPACES)}, got {mode!r}")
     im = Image.fromarray(rgb, "RGB")  # a fresh image carries no info/exif/xmp from the input
-    if alpha is not None and fmt in ("PNG", "WEBP", "TIFF"):
+    if mode != "RGB":
+        im = im.convert("L")  # ITU-R 601 luma: the grey a grey input had, plus the change
+        if mode == "I;16":
+            im = Image.fromarray(np.asarray(im).astype(np.uint16) * 257)  # 8-bit levels spread over 16 bits
+    if alpha is not None and fmt in ("PNG", "WEBP", "TIFF", "HEIF", "AVIF") and mode != "I;16":
         im.putalpha(Image.fromarray(alpha, "L"))
     kw: dict = {}
-    if icc_profile:
+    if icc_profile and icc_profile[16:20] == _ICC_SPACES[mode]:
         kw["icc_profile"] = icc_profile
+    if fmt in _LOSSY_FORMATS:
+        kw["quality"] = quality or DEFAULT_JPEG_QUALITY
     if fmt == "JPEG":
         # 4:4:4 chroma: subsampling would halve the colour resolution of the protective change
-        kw.update(quality=quality or DEFAULT_JPEG_QUALITY, subsampling=0, optimize=True)
+        kw.update(subsampling=0, optimize=True)
     elif fmt == "WEBP":
-        kw.update(quality=quality or DEFAULT_JPEG_QUALITY, method=4)
+        kw.update(method=4)
+    elif fmt in ("HEIF", "AVIF") and im.mode != "L":
+        kw["subsampling"] = "4:4:4"
     elif fmt == "PNG":
         kw.update(optimize=False, compress_level=6)
     elif fmt == "TIFF":
@@ -299,13 +356,15 @@ def save_image(
 ) -> Path:
     """Save a result next to nothing it could damage.
 
-    The format is ``fmt``, else the one the extension names, else ``like``'s; transparency and the ICC profile of
-    ``like`` are carried over. No EXIF, GPS or XMP is ever written.
+    The format is ``fmt``, else the one the extension names, else ``like``'s; transparency, grey mode
+    (:func:`output_mode`) and the ICC profile of ``like`` are carried over. No EXIF, GPS or XMP is ever written.
     """
     fmt = (fmt or format_for_path(path) or (like.save_format if like else None) or "PNG").upper()
     alpha = like.alpha if like is not None else None
     if alpha is not None and alpha.shape != rgb.shape[:2]:
         alpha = None
-    data = encode_image(rgb, fmt, alpha=alpha, quality=quality, icc_profile=like.icc_profile if like else None)
+    mode = output_mode(like.mode, fmt) if like is not None else "RGB"
+    data = encode_image(rgb, fmt, alpha=alpha, quality=quality, icc_profile=like.icc_profile if like else None,
+                        mode=mode)
     extra = [like.source] if like is not None and like.source != "<bytes>" else []
     return write_bytes_atomic(path, data, overwrite=overwrite, inputs=[*inputs, *extra])
