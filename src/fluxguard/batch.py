@@ -21,7 +21,7 @@ import glob
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,22 +202,13 @@ def batch_exit_code(counts: dict[str, int]) -> int:
     return EXIT_OK
 
 
-def protect_photos(inputs: Sequence[Path], job: BatchJob, make_protector: Callable[[], Any], *,
-                   protector: Any = None, ray: str | None = None, progress: Any = None,
-                   **ray_options: Any) -> Iterator[tuple[dict[str, Any], dict[str, Any] | None]]:
-    """``(summary entry, protector params)`` per photo: here with ``protector`` (built by ``make_protector`` when
-    not given), or on Ray workers when ``ray`` is an address (see :func:`fluxguard.dist.protect_photos` for
-    ``ray_options``). Ray yields photos as they finish, not in input order."""
+def protect_local(inputs: Sequence[Path], job: BatchJob, protector: Any, progress: Any = None
+                  ) -> Iterator[tuple[dict[str, Any], dict[str, Any] | None]]:
+    """``(summary entry, protector params)`` per photo, in input order, in this process. (The same batch on Ray
+    workers is :func:`fluxguard.dist.protect_photos`; its entries go through :func:`claim_output`.)"""
     claimed: dict[Path, Path] = {}  # output -> the input that writes it in this run
-    if ray is None:
-        protector = protector if protector is not None else make_protector()
-        for src in inputs:
-            yield protect_one(protector, src, job, progress, claimed), protector.params()
-        return
-    from fluxguard import dist
-
-    for entry, params in dist.protect_photos(inputs, make_protector, job, address=ray, **ray_options):
-        yield claim_output(entry, claimed), params
+    for src in inputs:
+        yield protect_one(protector, src, job, progress, claimed), protector.params()
 
 
 def write_summary(path: Path, record: dict[str, Any]) -> None:

@@ -15,12 +15,13 @@ from fluxguard.batch import (
     BatchJob,
     BatchSummary,
     batch_exit_code,
+    claim_output,
     demo_photo,
     expand_inputs,
     file_sha256,
-    protect_photos,
+    protect_local,
 )
-from fluxguard.cli import app
+from fluxguard.cli._app import app
 from fluxguard.cli._common import console, friendly_errors, split_names
 from fluxguard.errors import ConfigError
 from fluxguard.io.image import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_PIXELS
@@ -205,8 +206,17 @@ def _run_with_progress(inputs: list[Path], job: BatchJob, make_protector: Any, p
         def on_progress(stage: str, step: int, total: int) -> None:
             bar.update(stage_task, description=f"  {escape(stage)}", completed=step, total=total, visible=True)
 
-        for entry, run_params in protect_photos(inputs, job, make_protector, protector=protector, ray=ray,
-                                                progress=on_progress, **ray_options):
+        if ray is None:
+            results = protect_local(inputs, job, protector if protector is not None else make_protector(),
+                                    on_progress)
+        else:
+            from fluxguard import dist
+
+            claimed: dict[Path, Path] = {}  # output -> the input that writes it in this run
+            # the same protect_one in Ray workers that load the models once; entries come back as they finish
+            results = ((claim_output(e, claimed), p) for e, p in dist.protect_photos(
+                inputs, make_protector, job, address=ray, **ray_options))
+        for entry, run_params in results:
             entry = summary_file.add(entry, run_params)
             if entry["status"] in ("failed", "unreadable"):
                 console.print(f"[red]{entry['status']}:[/] {escape(entry['message'])}")
