@@ -33,6 +33,3 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     """fluxguard: face privacy against unauthorised face recognition."""
-    from fluxguard.cli._common import quiet_model_loading
-
-    quiet_model_loading()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import logging
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -35,27 +34,6 @@ def friendly_errors(fn: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-class AccelerateMissingFilter(logging.Filter):
-    """Drops diffusers' "Cannot initialize model with low cpu memory usage because `accelerate` was not found"
-    warning. diffusers prints it for every model it loads when ``accelerate`` (the ``[flux]`` extra) is not
-    installed; the built-in lite models are a few MB and load as fast without it, so it is only noise before a
-    user's first result."""
-
-    MESSAGE = "Cannot initialize model with low cpu memory usage because `accelerate` was not found"
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.MESSAGE)
-
-
-def quiet_model_loading() -> None:
-    """Install :class:`AccelerateMissingFilter` on the diffusers logger that loads models (once per process).
-
-    Called by the CLI when it starts, not at import: the library leaves logging configuration to its callers."""
-    logger = logging.getLogger("diffusers.models.modeling_utils")
-    if not any(isinstance(f, AccelerateMissingFilter) for f in logger.filters):
-        logger.addFilter(AccelerateMissingFilter())
 
 
 def print_json(obj: Any) -> None:

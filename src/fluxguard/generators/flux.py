@@ -173,7 +173,7 @@ class FluxBackend(nn.Module):
         Raises:
             FluxguardError: the folder is missing pieces (named in the message).
         """
-        from fluxguard.generators.lite_files import resolve_model
+        from fluxguard.generators.lite_files import diffusers_model_kwargs, resolve_model
 
         diffusers = _require("diffusers", "the FLUX backend")
         path_or_id = resolve_model(path_or_id)
@@ -193,8 +193,10 @@ class FluxBackend(nn.Module):
             if is_local and not has(sub):
                 raise FluxguardError(f"not a FLUX checkpoint: the folder has no {sub}/ subfolder", path=src)
         try:
-            transformer = diffusers.FluxTransformer2DModel.from_pretrained(src, subfolder="transformer", dtype=dtype)
-            vae = diffusers.AutoencoderKL.from_pretrained(src, subfolder="vae", dtype=dtype)
+            kw = diffusers_model_kwargs()
+            transformer = diffusers.FluxTransformer2DModel.from_pretrained(src, subfolder="transformer", dtype=dtype,
+                                                                           **kw)
+            vae = diffusers.AutoencoderKL.from_pretrained(src, subfolder="vae", dtype=dtype, **kw)
         except OSError as e:
             raise FluxguardError(f"cannot load the FLUX transformer/VAE ({e})", path=src) from e
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fluxguard.generators.lite_files import LITE, LITE_SIZE, is_lite, lite_dir, resolve_model
+from fluxguard.generators.lite_files import LITE, LITE_SIZE, diffusers_model_kwargs, is_lite, lite_dir, resolve_model
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -40,7 +40,8 @@ def load_lite_vae() -> AutoencoderKL:
     """The lite ``AutoencoderKL`` (frozen, fp32, CPU, eval); images in [-1, 1] as for every diffusers VAE."""
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(resolve_model(LITE), subfolder="vae", dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(resolve_model(LITE), subfolder="vae", dtype=torch.float32,
+                                        **diffusers_model_kwargs())
     return vae.eval().requires_grad_(False)
 
 

@@ -35,3 +35,12 @@ def resolve_model(model: str | Path) -> str:
 def is_lite(model: str | Path) -> bool:
     """True for the name ``"lite"`` or the shipped folder itself."""
     return str(model) == LITE or Path(str(model)).resolve() == lite_dir()
+
+
+def diffusers_model_kwargs() -> dict:
+    """Keyword arguments for diffusers' ``ModelMixin.from_pretrained``: without ``accelerate`` installed (the
+    README's plain install), ask for the ordinary loading path, which diffusers would otherwise fall back to with a
+    warning printed on every load."""
+    from diffusers.utils import is_accelerate_available
+
+    return {} if is_accelerate_available() else {"low_cpu_mem_usage": False}

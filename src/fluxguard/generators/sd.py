@@ -179,7 +179,7 @@ class SDBackend:
         """
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-        from fluxguard.generators.lite_files import resolve_model
+        from fluxguard.generators.lite_files import diffusers_model_kwargs, resolve_model
 
         model = resolve_model(model)
         dev = _resolve_device(device)
@@ -187,8 +187,9 @@ class SDBackend:
         if folder is None and str(model).startswith((".", "/", "~")):
             raise ConfigError("no such model folder", path=model)
         try:
-            unet = UNet2DConditionModel.from_pretrained(str(model), subfolder="unet", dtype=dtype, **load_kwargs)
-            vae = AutoencoderKL.from_pretrained(str(model), subfolder="vae", dtype=dtype, **load_kwargs)
+            model_kwargs = {**diffusers_model_kwargs(), **load_kwargs}
+            unet = UNet2DConditionModel.from_pretrained(str(model), subfolder="unet", dtype=dtype, **model_kwargs)
+            vae = AutoencoderKL.from_pretrained(str(model), subfolder="vae", dtype=dtype, **model_kwargs)
         except OSError as exc:
             raise ConfigError(f"cannot load the UNet/VAE ({exc})", path=model) from exc
         if folder is None or (folder / "scheduler").is_dir():
