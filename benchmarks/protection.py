@@ -1,29 +1,25 @@
 """Protection benchmark: every available method through the same black-box evaluation (``fluxguard.eval.runner``).
 
-Rows:
-  pgd-plain    PGD without momentum or input diversity (Madry et al.)
-  pgd          the default: MI-FGSM + input diversity, eps 8/255, 50 steps
-  pgd-matched  the default PGD with eps lowered until the face-region SSIM is >= --ssim (0.92), chosen on
-               calib-split photos (never the evaluated ones): the comparison a generative method must win
-  wdp          WDP on the lite SD model       } only once the lite models ship
-  fluxguard    Flux-Guard on the lite FLUX model } (fluxguard/weights/lite)
-  fluxguard-low  Flux-Guard, strength "low" (5 Adam iterations per attacked step, w_max 0.5): higher quality
-  fluxguard-matched  Flux-Guard "low" with w_max lowered until the face SSIM is >= --ssim, chosen on the same
-               calib-split photos the same way as pgd-matched: both methods at the same quality
-  fluxguard-noattack  control: Flux-Guard with its adversarial stage off (adam_steps=0): inversion and
-               regeneration only, so the generator's own change is told apart from the attack's
-  wdp-noattack control: WDP with its adversarial stage off (prot_steps=0): null-text inversion and regeneration
-               (PGD needs no such row: with its attack off it returns the photo, the clean control every table has)
+Rows (every strength is the visibility budget of its name, the same for every method; see
+``fluxguard.losses.visibility.BUDGETS``):
+  pgd-low, pgd, pgd-high           PGD (MI-FGSM + input diversity; "high" adds JPEG EOT) at each budget
+  pgd-plain                        PGD without momentum or input diversity (Madry et al.), medium budget
+  fluxguard-low, fluxguard, fluxguard-high   Flux-Guard on the lite FLUX model at each budget
+  wdp-low, wdp, wdp-high           WDP on the lite SD model at each budget
+  fluxguard-noattack  control: Flux-Guard with its adversarial stage off (adam_steps=0): with residual composition
+               the output is the photo itself (PGD needs no such row: the clean control every table has)
+  wdp-noattack control: WDP with its adversarial stage off (prot_steps=0); likewise the photo itself
 
 One table: black-box PSR (per judge at FAR 1e-2 and the mean at 1e-1 / 1e-2 / 1e-3) for dodging and
 impersonation, with the mean's 95 % interval (Wilson over identities, ``fluxguard.eval.psr.rate_interval``) and each
-identity's own rate (``per_identity``), image quality (face and photo SSIM / PSNR) and seconds per protected face,
+identity's own rate (``per_identity``), image quality as people see it over the face mask (CIEDE2000, visible share,
+colour shift, changes outside the faces; ``fluxguard.eval.quality.face_quality``) and seconds per protected face,
 closed by the controls (the clean photo; the ``-noattack`` rows, or a line saying they were not measured); written
 as JSON + Markdown to benchmarks/results/protection.{json,md}. Per-row runs (protected photos of real faces, caches,
 HTML reports) live in --work, outside the repository; re-running resumes them.
 
     python benchmarks/protection.py --limit 20                     # every available row
-    python benchmarks/protection.py --limit 10 --rows pgd,pgd-matched --no-robustness
+    python benchmarks/protection.py --limit 10 --rows pgd,fluxguard --no-robustness
     python benchmarks/protection.py --limit 10 --rows pgd-plain --append       # add a row to the same table
 """
 
@@ -43,14 +39,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 FARS = ("1e-1", "1e-2", "1e-3")
-EPS_GRID = tuple(range(8, 0, -1))  # eps candidates in 1/255 units for the matched-quality row
-# candidates (strongest first) of the parameter that a matched-quality row lowers until the face SSIM target holds
-MATCH_GRIDS: dict[str, dict[str, Any]] = {
-    "pgd": {"param": "eps", "grid": tuple(k / 255 for k in EPS_GRID)},
-    "fluxguard": {"param": "w_max", "grid": (0.5, 0.35, 0.25, 0.18, 0.12, 0.08, 0.05)},
-}
-
-
 def lite_available() -> bool:
     from fluxguard.generators.lite_files import lite_dir
 
@@ -58,93 +46,20 @@ def lite_available() -> bool:
 
 
 def rows_spec(extra: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {
+    rows: dict[str, dict[str, Any]] = {
         "pgd-plain": {"method": "pgd", "params": {**extra, "momentum": 0.0, "diversity_prob": 0.0}},
-        "pgd": {"method": "pgd", "params": dict(extra)},
-        "pgd-matched": {"method": "pgd", "params": dict(extra), "matched": True},
-        "wdp": {"method": "wdp", "params": {}, "needs_lite": True},
-        "fluxguard": {"method": "fluxguard", "params": {}, "needs_lite": True},
-        "fluxguard-low": {"method": "fluxguard", "params": {"strength": "low"}, "needs_lite": True},
-        "fluxguard-matched": {"method": "fluxguard", "params": {"strength": "low"}, "matched": True,
-                              "needs_lite": True},
         "fluxguard-noattack": {"method": "fluxguard", "params": {"adam_steps": 0}, "needs_lite": True},
         "wdp-noattack": {"method": "wdp", "params": {"prot_steps": 0}, "needs_lite": True},
     }
+    for method in ("pgd", "fluxguard", "wdp"):
+        for strength, suffix in (("low", "-low"), ("medium", ""), ("high", "-high")):
+            params = {**(extra if method == "pgd" else {}), "strength": strength}
+            rows[method + suffix] = {"method": method, "params": params, "needs_lite": method != "pgd"}
+    return rows
 
 
 # the attack-off control of each generator method (PGD's is the clean photo itself)
 CONTROLS = {"fluxguard": "fluxguard-noattack", "wdp": "wdp-noattack"}
-
-
-def calib_faces(data: Path, n: int) -> list[tuple[Path, Any]]:
-    """The first ``n`` calib-split photos (identity order by SHA-1 of the name) with a detected face."""
-    from fluxguard.data import list_photos, photos_in_split
-    from fluxguard.eval.protocol import main_face
-    from fluxguard.faces.detect import detect_cached
-    from fluxguard.io import load_image
-
-    photos = [p for p in photos_in_split(list_photos(data), "calib") if p.identity]
-    photos.sort(key=lambda p: (hashlib.sha1(p.identity.encode()).hexdigest(), p.path.name))
-    out, seen = [], set()
-    for ph in photos:
-        if ph.identity in seen:
-            continue
-        rgb = load_image(ph.path).rgb
-        face = main_face(detect_cached(ph.path, image=rgb), rgb.shape)
-        if face is not None:
-            out.append((ph.path, face))
-            seen.add(ph.identity)
-        if len(out) == n:
-            break
-    return out
-
-
-def matched_param(method: str, data: Path, work: Path, params: dict[str, Any], target: float,
-                  n: int) -> dict[str, Any]:
-    """The strongest value of the method's :data:`MATCH_GRIDS` parameter (PGD: eps; Flux-Guard: w_max) whose
-    dodging protection (whole zoo) keeps the mean face SSIM >= ``target`` on ``n`` calib photos; bisection over the
-    grid (SSIM falls as the value grows). Cached in ``work``."""
-    from fluxguard.api import Protector
-    from fluxguard.eval.quality import quality_report
-    from fluxguard.io import load_image
-
-    name, grid = MATCH_GRIDS[method]["param"], MATCH_GRIDS[method]["grid"]
-    key = hashlib.sha1(json.dumps([method, name, list(grid), params, target, n], sort_keys=True).encode())
-    cache = work / f"matched_{method}_{key.hexdigest()[:10]}.json"
-    if cache.is_file():
-        return json.loads(cache.read_text())
-    faces = calib_faces(data, n)
-    trials: dict[int, float] = {}  # grid index -> mean face SSIM
-
-    def ssim_at(i: int) -> float:
-        if i not in trials:
-            prot = Protector(method, mode="dodge", judges=[], **{**params, name: grid[i]})
-            vals = []
-            for path, face in faces:
-                img = load_image(path)
-                res = prot.protect(img, faces=[face], seed=0)
-                vals.append(quality_report(img.rgb, res.image, box=face.box)["face_ssim"])
-            trials[i] = float(sum(vals) / len(vals))
-            print(f"  {name} {_grid_label(method, grid[i])}: face SSIM {trials[i]:.4f}", flush=True)
-        return trials[i]
-
-    lo, hi = 0, len(grid) - 1  # grid descending: find the first (strongest) value that passes
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if ssim_at(mid) >= target:
-            hi = mid
-        else:
-            lo = mid + 1
-    out = {"param": name, "value": grid[lo], "label": _grid_label(method, grid[lo]), "face_ssim_calib": ssim_at(lo),
-           "target_ssim": target, "calib_photos": [str(p.relative_to(data)) for p, _ in faces],
-           "trials": {_grid_label(method, grid[i]): v for i, v in sorted(trials.items())}}
-    work.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(out, indent=1))
-    return out
-
-
-def _grid_label(method: str, value: float) -> str:
-    return f"{round(value * 255)}/255" if method == "pgd" else f"{value:g}"
 
 
 def per_identity(res: dict[str, Any], mode: str) -> dict[str, dict[str, dict[str, float]]]:
@@ -247,19 +162,21 @@ def markdown(report: dict[str, Any]) -> str:
             judges += [j for j in m["judges"] if j not in judges]
     held_out = {j for r in rows for m in r["modes"].values() for j, v in m["judges"].items() if v["extra"]}
     head = ["row", "mode", *[f"{j}{' †' if j in held_out else ''} @1e-2" for j in judges], "mean @1e-1",
-            "mean @1e-2", "mean @1e-3", "mean @1e-2, 95 % CI", "face SSIM", "face PSNR", "photo SSIM",
-            "photo PSNR", "s/face"]
+            "mean @1e-2", "mean @1e-3", "mean @1e-2, 95 % CI", "dE2000", "visible", "max colour shift",
+            "outside the faces", "photo PSNR", "s/face"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         for mode, m in r["modes"].items():
             q = m["quality"]
-            label = r["row"] + (f" ({_matched(r['matched'])})" if r.get("matched") else "")
+            mq, cs = q.get("mask", {}), q.get("colour_shift_max", {})
             lines.append("| " + " | ".join([
-                label, mode, *[_pct(m["judges"].get(j, {}).get("psr", {}).get("1e-2")) for j in judges],
+                r["row"], mode, *[_pct(m["judges"].get(j, {}).get("psr", {}).get("1e-2")) for j in judges],
                 *[f"{_pct(m['mean'].get(f))} ({_pct(m['clean_mean'].get(f))})" for f in FARS],
                 _ci(m["mean"].get("1e-2"), m.get("mean_ci95", {}).get("1e-2"), r["n_identities"]),
-                _f(q["face"]["ssim"]), _f(q["face"]["psnr"], 2),
-                _f(q["photo"]["ssim"]), _f(q["photo"]["psnr"], 2), _f(r["seconds_per_face"], 1)]) + " |")
+                _f(mq.get("delta_e_mean"), 2), _pct(mq.get("visible")),
+                _f(max(cs.values()) if cs else None, 2),
+                "bit-exact" if q.get("changed_outside") == 0 else f"{q.get('changed_outside', '–')} px",
+                _f(q["photo"]["psnr"], 2), _f(r["seconds_per_face"], 1)]) + " |")
     if rows:
         # controls: each generator method with its attack off (when not measured, say so), then the clean photo
         missing = [CONTROLS[m] for m in dict.fromkeys(r["method"] for r in rows)
@@ -273,7 +190,7 @@ def markdown(report: dict[str, Any]) -> str:
                                                for j in judges],
                 *[_pct(m["clean_mean"].get(f)) for f in FARS],
                 _ci(m["clean_mean"].get("1e-2"), m.get("clean_mean_ci95", {}).get("1e-2"), rows[0]["n_identities"]),
-                "1", "∞", "1", "∞", "–"]) + " |")
+                "0", "0.0", "0", "bit-exact", "∞", "–"]) + " |")
     env = report["environment"]
     commands = list(dict.fromkeys(r.get("command", report["command"]) for r in report["rows"]))
     limits = sorted({r["n_identities"] for r in rows})
@@ -285,8 +202,9 @@ def markdown(report: dict[str, Any]) -> str:
         "faces that the held-out judge no longer matches to another photo of the person (dodging) / matches to "
         "the target's test photo (impersonation); † = extra judge outside the attack zoo; mean = over every judge "
         "listed, with the clean (unprotected) rate in brackets; 95 % CI = Wilson interval over identities (the "
-        "judges score the same identities, so identities are the independent units). Quality on the face box "
-        "and the whole photo. "
+        "judges score the same identities, so identities are the independent units). Quality on the saved photo "
+        "over the face mask (mean CIEDE2000, share of the face whose change exceeds its JND, largest mean colour "
+        "shift |dL*|, |da*|, |db*| of any face, pixels changed outside the faces). "
         f"Machine: {env['machine']}, {env['cpus']} CPUs shared with other jobs (load {env['load']}), torch "
         f"{env['torch']}, {env['threads']} thread(s); {report['started']}.", "",
         *lines, "",
@@ -333,31 +251,18 @@ def markdown(report: dict[str, Any]) -> str:
     skipped = [r for r in report["rows"] if "modes" not in r]
     if skipped:
         out += [f"- {r['row']}: {r['status']}" for r in skipped] + [""]
-    for r in rows:
-        if r.get("matched"):
-            m = r["matched"]
-            out += [f"{r['row']}: {_matched(m)} is the strongest with mean face SSIM >= {m['target_ssim']} on "
-                    f"{len(m['calib_photos'])} calib-split photos (whole zoo, dodging): "
-                    f"{', '.join(f'{k}: {v:.3f}' for k, v in m['trials'].items())}.", ""]
     return "\n".join(out)
-
-
-def _matched(m: dict[str, Any]) -> str:
-    """'eps 6/255' / 'w_max 0.25' (reports written before the generalisation have eps keys only)."""
-    return f"{m.get('param', 'eps')} {m.get('label', str(m.get('eps_255')) + '/255')}"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=None, help="face folder (default ../shared/faces)")
     ap.add_argument("--limit", type=int, default=20, help="eval identities")
-    ap.add_argument("--rows", default="pgd-plain,pgd,pgd-matched,wdp,fluxguard")
+    ap.add_argument("--rows", default="pgd,fluxguard,wdp")
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("FLUXGUARD_BENCH_WORK",
                                                                     "/work/cache/fluxguard-eval")),
                     help="per-row evaluation folders (protected photos: never inside the repository)")
     ap.add_argument("--param", action="append", default=[], help="k=v for every PGD row (e.g. steps=20)")
-    ap.add_argument("--ssim", type=float, default=0.92, help="face SSIM the matched-quality rows must keep")
-    ap.add_argument("--calib-photos", type=int, default=4, help="calib photos used to choose the matched strength")
     ap.add_argument("--no-robustness", dest="robustness", action="store_false",
                     help="skip re-scoring after the robustness transforms (on by default: every row's results.json "
                     "is then complete, and a row can share its folder with a full `fluxguard evaluate` run)")
@@ -406,11 +311,6 @@ def main() -> None:
             continue
         params = dict(spec["params"])
         info: dict[str, Any] = {"command": report["command"]}
-        if spec.get("matched"):
-            param = MATCH_GRIDS[spec["method"]]["param"]
-            print(f"[{name}] choosing {param} for face SSIM >= {args.ssim}", flush=True)
-            info["matched"] = matched_param(spec["method"], data, args.work, params, args.ssim, args.calib_photos)
-            params[param] = info["matched"]["value"]
         # rows that share settings share a folder (e.g. pgd here and a plain `fluxguard evaluate` run): protected
         # photos and embeddings are reused, a smaller --limit takes the first identities of the same order
         tag = hashlib.sha1(json.dumps([spec["method"], params], sort_keys=True).encode()).hexdigest()[:8]
