@@ -1,6 +1,6 @@
 """Which JPEG quality keeps the protection? PGD dodging, saved as PNG and as JPEG at several qualities.
 
-Each face is protected once with the CLI's defaults (``pgd`` at its medium preset: eps 8/255, 50 steps, the four
+Each face is protected once with the CLI's defaults (``pgd`` at the medium visibility budget, 50 steps, the four
 shipped FR models attacked), then the protected photo is encoded the way ``fluxguard protect`` writes it (Pillow,
 4:4:4 chroma, optimised Huffman tables; one extra row with 4:2:0 chroma for comparison), decoded, and every judge
 embeds the face at the landmarks found on the clean photo. Reported per encoding: the cosine similarity to the clean
@@ -183,7 +183,7 @@ def main() -> None:
     lines = [
         "# JPEG quality vs protection (PGD dodging)",
         "",
-        f"{len(per_face)} faces ({', '.join(e['face'] for e in per_face)}); pgd eps 8/255, {args.steps} steps, "
+        f"{len(per_face)} faces ({', '.join(e['face'] for e in per_face)}); pgd, medium budget, {args.steps} steps, "
         f"attacking {', '.join(attacked)}. Similarity = cosine between the clean face and the saved protected face "
         "(same landmarks); no-match = share of (face, judge) pairs at or below the judge's FAR 1e-2 threshold. "
         "Unprotected, every similarity is 1.0 and the no-match share 0.",

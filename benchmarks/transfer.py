@@ -56,6 +56,8 @@ ROWS: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "fluxguard-low": ("fluxguard", "low", {}, "Flux-Guard on the lite models, low budget"),
     "fluxguard": ("fluxguard", "medium", {}, "Flux-Guard on the lite models, medium budget"),
     "fluxguard-high": ("fluxguard", "high", {}, "Flux-Guard on the lite models, high budget"),
+    "fluxguard-long": ("fluxguard", "medium", {"attack_start": 6, "adam_steps": 12},
+                       "Flux-Guard, 4 attacked steps x 12 Adam iterations (48, against 20)"),
     "wdp": ("wdp", "medium", {}, "WDP on the lite models, medium budget"),
 }
 
@@ -181,7 +183,9 @@ def main() -> None:
             per_mode[mode] = summarise(items, judges, mode, rate_interval)
         params_used = json.loads((next(folder.glob("*.json"))).read_text())["params"]
         rows_out[name] = {"method": method, "strength": strength, "params": params, "what": what,
-                          "params_used": params_used, "n_identities": len(subjects), "modes": per_mode}
+                          "params_used": params_used, "n_identities": len(subjects),
+                          "identities": [s.identity for s in subjects], "modes": per_mode,
+                          "command": "python benchmarks/transfer.py " + " ".join(sys.argv[1:])}
         print(json.dumps({name: {m: v["mean"] for m, v in per_mode.items()}}), flush=True)
 
     report = {
@@ -189,7 +193,6 @@ def main() -> None:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "environment": {"torch": torch.__version__, "threads": args.threads, "machine": platform.machine()},
         "protocol": {"attack_models": zoo, "judges": {j.name: j.calibrated_spec().thresholds for j in judges},
-                     "n_identities": len(subjects), "identities": [s.identity for s in subjects],
                      "targets": [str(t.photo.relative_to(data)) for t in targets], "notes": notes},
         "rows": rows_out,
     }
@@ -242,10 +245,14 @@ def summarise(items: list[dict], judges: list, mode: str, rate_interval: Any) ->
 
 def markdown(report: dict[str, Any]) -> str:
     p = report["protocol"]
+    ns = sorted({r["n_identities"] for r in report["rows"].values()})
+    commands = list(dict.fromkeys(r["command"] for r in report["rows"].values()))
     lines = [
         "# Transfer at the visibility budget", "",
-        f"`{report['command']}` ({report['created']}, {report['environment']['threads']} torch thread). "
-        f"{p['n_identities']} eval-split identities, both modes; attack: {', '.join(p['attack_models'])}; "
+        *[f"`{c}`" for c in commands], "",
+        f"({report['created']}, {report['environment']['threads']} torch thread). "
+        f"{' or '.join(map(str, ns))} eval-split identities (the first of the protocol order; per row below), both "
+        f"modes; attack: {', '.join(p['attack_models'])}; "
         f"judges never attacked: {', '.join(p['judges'])}. PSR = mean over judges, [Wilson 95 % interval over "
         "identities]; clean = the unprotected photo scored the same way; social = after resize to 1080 px + JPEG 75 "
         "(kept = social / PSR). Visibility on the saved photo over the face mask.", "",
@@ -254,8 +261,8 @@ def markdown(report: dict[str, Any]) -> str:
         if not any(mode in r["modes"] for r in report["rows"].values()):
             continue
         lines += [f"## {mode}", "",
-                  "| row | what | PSR @1e-1 | PSR @1e-2 | clean @1e-2 | social @1e-2 (kept) | dE2000 | visible | "
-                  "max colour shift | s/face |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| row | what | n | PSR @1e-1 | PSR @1e-2 | clean @1e-2 | social @1e-2 (kept) | dE2000 | visible | "
+                  "max colour shift | s/face |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in report["rows"].items():
             m = r["modes"].get(mode)
             if m is None:
@@ -267,7 +274,7 @@ def markdown(report: dict[str, Any]) -> str:
             kept = m["kept"]["1e-2"]
             q = m["quality"]
             lines.append(
-                f"| {name} | {r['what']} | {cells[0]} | {cells[1]} | {m['clean']['1e-2']:.1f} | "
+                f"| {name} | {r['what']} | {r['n_identities']} | {cells[0]} | {cells[1]} | {m['clean']['1e-2']:.1f} | "
                 f"{m['social']['1e-2']:.1f} ({'–' if kept is None else f'{100 * kept:.0f} %'}) | "
                 f"{q['delta_e_mean']:.2f} | {100 * q['visible']:.1f} % | {q['max_colour_shift']:.2f} | "
                 f"{m['seconds_per_face']:.1f} |")

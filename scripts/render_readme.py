@@ -46,9 +46,6 @@ FIGURES: dict[str, Callable[[Results], str]] = {}
 BLOCKS: dict[str, Callable[[Results], str]] = {}
 
 PROTECTION = "benchmarks/results/protection.json"
-MATCHED12 = "benchmarks/results/protection_matched12.json"
-PURIFICATION = "benchmarks/results/protection_purification.json"
-EXAMPLE = "docs/images/astronaut_pgd_medium.json"
 THRESHOLDS = "src/fluxguard/recognition/thresholds.json"
 NOT_MEASURED = "*not measured in this file*"
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve")
@@ -121,8 +118,6 @@ class ProtectionFile:
             raise RenderError(f"{self.rel}: rows on different numbers of identities {sorted(ns)}")
         return ns.pop()
 
-    def face_ssim(self, name: str, mode: str = "dodge") -> float:
-        return self.row(name)["modes"][mode]["quality"]["face"]["ssim"]
 
 
 # ------------------------------------------------------------------------------------------------ formatting
@@ -137,10 +132,6 @@ def ci(iv: RateInterval, digits: int = 1) -> str:
 
 def word(n: int) -> str:
     return WORDS[n] if 0 <= n < len(WORDS) else str(n)
-
-
-def eps255(eps: float) -> str:
-    return f"{round(eps * 255)}/255"
 
 
 def span(values: Iterable[float]) -> str:
@@ -179,43 +170,75 @@ def verdict(pairs: list[tuple[str, RateInterval, RateInterval]], names: tuple[st
     return "; ".join(said) + " (95 % intervals apart); the other differences are within noise"
 
 
-def compare(f: ProtectionFile, a: str, b: str, names: tuple[str, str], cells: Iterable[tuple[str, str]]) -> str:
-    """``dodging PSR @1e-1 44.4 [..] against 18.1 [..], ...: <verdict>`` for rows ``a`` and ``b`` of one file."""
+def compare(get: Callable[[str, str, str], RateInterval], a: str, b: str, names: tuple[str, str],
+            cells: Iterable[tuple[str, str]]) -> str:
+    """``dodging PSR @1e-1 44.4 [..] against 18.1 [..], ...: <verdict>`` for rows ``a`` and ``b`` (``get(row, mode,
+    far)`` gives a row's PSR)."""
     parts: dict[str, list[str]] = {}
     pairs = []
     for mode, far in cells:
-        x, y = f.psr(a, mode, far), f.psr(b, mode, far)
+        x, y = get(a, mode, far), get(b, mode, far)
         parts.setdefault(mode, []).append(f"@{far} {ci(x)} against {ci(y)}")
         pairs.append((f"{MODE_WORDS[mode]} @{far}", x, y))
     text = "; ".join(f"{MODE_WORDS[m]} PSR {', '.join(p)}" for m, p in parts.items())
     return f"{text}: {verdict(pairs, names)}"
 
 
+# ------------------------------------------------------------------------------------------------ budgets
+VISIBILITY = "benchmarks/results/visibility.json"
+TRANSFER = "benchmarks/results/transfer.json"
+
+
+@block("budgets")
+def _(r: Results) -> str:
+    """The budgets as the code defines them, and what each method measured at each on the contact-sheet faces."""
+    from fluxguard.losses.visibility import BUDGETS
+
+    vis = r.json(VISIBILITY)
+    by = {(x["method"], x["budget"]): x for x in vis["results"]}
+    methods = list(dict.fromkeys(x["method"] for x in vis["results"]))
+    head = ["budget", "per-pixel bound (x JND term)", "CIEDE2000 cap", "visible cap",
+            *[f"{m}: dE2000 / visible / max shift" for m in methods]]
+    rows = []
+    for name, b in BUDGETS.items():
+        cells = []
+        for m in methods:
+            x = by.get((m, name))
+            cells.append("–" if x is None else (
+                f"{x['delta_e_mean']:.2f} / {pct(x['visible'])} % / "
+                f"{max(x['max_abs_dL'], x['max_abs_da'], x['max_abs_db']):.2f} ([sheet](benchmarks/results/"
+                f"{x['sheet']}))"))
+        rows.append([f"`{name}`", f"{b.smooth_scale:g} T_l, {b.texture_scale:g} T_t", f"{b.max_delta_e:g}",
+                     f"{pct(b.max_visible, 0)} %", *cells])
+    faces = sorted({x["faces"] for x in vis["results"]})
+    return table(head, rows) + (
+        f"\n\nMeasured on {'/'.join(map(str, faces))} faces (astronaut, a five-person group photo, eval-split "
+        "identities) with `" + vis["command"] + "`: mean CIEDE2000 and visible share over each face's mask, the "
+        "largest mean colour shift of any face, on the saved 8-bit photos.")
+
+
 # ------------------------------------------------------------------------------------------------ protection
-ROW_ORDER = ("pgd-plain", "pgd", "pgd-matched", "fluxguard-matched", "fluxguard-low", "fluxguard", "wdp")
-ROW_LABELS = {
-    "pgd-plain": "pgd-plain ({eps}, {steps} steps)",
-    "pgd": "pgd, MI-FGSM + DI ({eps}, {steps} steps)",
-    "pgd-matched": "pgd at matched quality ({eps})",
-    "fluxguard-matched": "fluxguard, lite, matched quality (low, w_max {w_max})",
-    "fluxguard-low": "fluxguard, lite, low",
-    "fluxguard": "fluxguard, lite (default)",
-    "wdp": "wdp, lite",
-}
-CONTROL_LABELS = {"fluxguard": "control: fluxguard, attack off (reconstruction only)",
-                  "wdp": "control: wdp, attack off (reconstruction only)"}
+ROW_ORDER = ("pgd-low", "pgd", "pgd-high", "pgd-plain", "fluxguard-low", "fluxguard", "fluxguard-high", "wdp-low",
+             "wdp", "wdp-high")
+CONTROL_LABELS = {"fluxguard": "control: fluxguard, attack off",
+                  "wdp": "control: wdp, attack off"}
 
 
 def _label(r: dict[str, Any]) -> str:
-    p = r["params"]
-    fmt = {"eps": eps255(p["eps"]) if "eps" in p else "", "steps": p.get("steps", ""),
-           "w_max": f"{p['w_max']:g}" if "w_max" in p else ""}
-    return ROW_LABELS.get(r["row"], r["row"]).format(**fmt)
+    strength = r["params"].get("strength", "medium")
+    extra = " (no momentum, no DI)" if r["row"] == "pgd-plain" else ""
+    return f"{r['method']}, {strength}{extra}"
 
 
 def _generators(f: ProtectionFile) -> list[str]:
     """The methods of the file's rows that have an attack-off control (PGD's is the clean photo)."""
     return [m for m in CONTROL_LABELS if any(r["method"] == m for r in f.rows.values())]
+
+
+def _quality_cells(q: dict[str, Any]) -> list[str]:
+    m, cs = q.get("mask", {}), q.get("colour_shift_max", {})
+    return [f"{m['delta_e_mean']:.2f}", f"{pct(m['visible'])} %", f"{max(cs.values()):.2f}",
+            "bit-exact" if q.get("changed_outside") == 0 else f"{q.get('changed_outside')} px"]
 
 
 def protection_table(f: ProtectionFile) -> str:
@@ -225,41 +248,39 @@ def protection_table(f: ProtectionFile) -> str:
                    key=lambda n: (ROW_ORDER.index(n) if n in ROW_ORDER else len(ROW_ORDER), n))
     generators = _generators(f)
     modes = list(dict.fromkeys(m for n in names for m in f.rows[n]["modes"]))
-    head = ["method", "mode", "identities", "PSR @FAR 1e-1", "PSR @1e-2", "face SSIM", "face PSNR", "s/face"]
+    head = ["method, budget", "mode", "n", "PSR @FAR 1e-1", "PSR @1e-2", "dE2000", "visible", "max colour shift",
+            "outside the faces", "s/face"]
     out = []
     for mode in modes:
         for n in names:
             r = f.rows[n]
             if mode not in r["modes"]:
                 continue
-            q = r["modes"][mode]["quality"]["face"]
             out.append([_label(r), mode, str(r["n_identities"]), ci(f.psr(n, mode, "1e-1")), ci(f.psr(n, mode)),
-                        f"{q['ssim']:.3f}", f"{q['psnr']:.1f}", f"{r['seconds_per_face']:.1f}"])
+                        *_quality_cells(r["modes"][mode]["quality"]), f"{r['seconds_per_face']:.1f}"])
         for m in generators:
             ctrl = f.rows.get(f"{m}-noattack")
             if ctrl is None or mode not in ctrl["modes"]:
-                out.append([CONTROL_LABELS[m], mode, "–", NOT_MEASURED, NOT_MEASURED, "–", "–", "–"])
+                out.append([CONTROL_LABELS[m], mode, "–", NOT_MEASURED, NOT_MEASURED, "–", "–", "–", "–", "–"])
                 continue
-            q = ctrl["modes"][mode]["quality"]["face"]
             name = f"{m}-noattack"
             out.append([CONTROL_LABELS[m], mode, str(ctrl["n_identities"]), ci(f.psr(name, mode, "1e-1")),
-                        ci(f.psr(name, mode)), f"{q['ssim']:.3f}", f"{q['psnr']:.1f}",
+                        ci(f.psr(name, mode)), *_quality_cells(ctrl["modes"][mode]["quality"]),
                         f"{ctrl['seconds_per_face']:.1f}"])
         out.append(["control: clean photo (unprotected)", mode, str(f.clean(mode).n), ci(f.clean(mode, "1e-1")),
-                    ci(f.clean(mode)), "1", "∞", "–"])
+                    ci(f.clean(mode)), "0", "0.0 %", "0", "bit-exact", "–"])
     return table(head, out)
 
 
 @block("protection")
 def _(r: Results) -> str:
     threads = r.json(PROTECTION)["environment"]["threads"]
-    text = protection_table(r.protection(PROTECTION))
     f = r.protection(PROTECTION)
     missing = [f"{m}-noattack" for m in _generators(f) if f"{m}-noattack" not in f.rows]
-    return text + (
+    return protection_table(f) + (
         "\n\nPSR in %, with its 95 % Wilson interval over identities in brackets. s/face is wall time per "
-        f"protected face on {word(threads)} thread{'s' if threads != 1 else ''} under varying load from other jobs "
-        "(notes in the file): not a speed comparison between rows." + "".join(
+        f"protected face on {word(threads)} thread{'s' if threads != 1 else ''} under varying load from other jobs: "
+        "not a speed comparison between rows." + "".join(
             f" `python benchmarks/protection.py --limit {f.identities()} --rows {n} --append` adds the missing "
             f"{n} control." for n in missing))
 
@@ -269,216 +290,153 @@ def _(r: Results) -> str:
     return str(r.protection(PROTECTION).identities())
 
 
-@figure("protection.pgd_steps")
-def _(r: Results) -> str:
-    p = r.protection(PROTECTION).row("pgd")["params"]
-    return f"{p['steps']} steps of {eps255(p['step_size'])}"
-
-
 @figure("robustness.kept")
 def _(r: Results) -> str:
     f = r.protection(PROTECTION)
 
     def kept(name: str, mode: str) -> str:
         rob = f.row(name)["robustness"][mode]
-        return span(d["kept"]["1e-2"] for d in rob.values())
+        vals = [d["kept"]["1e-2"] for d in rob.values() if d["kept"]["1e-2"] is not None]
+        return span(vals) if vals else "–"
 
-    return (f"Flux-Guard (default) keeps {kept('fluxguard', 'dodge')} % of its dodging PSR and "
-            f"{kept('fluxguard', 'impersonate')} % of its impersonation PSR, at `low` "
-            f"{kept('fluxguard-low', 'dodge')} % and {kept('fluxguard-low', 'impersonate')} %")
+    return "; ".join(f"{name}: {kept(name, 'dodge')} % (dodging) and {kept(name, 'impersonate')} % "
+                     "(impersonation)" for name in ("pgd", "fluxguard") if name in f.rows
+                     and f.rows[name].get("robustness"))
 
 
-# matched quality -------------------------------------------------------------------------------------------
-def _matched(f: ProtectionFile) -> dict[str, Any]:
-    a, b = f.row("fluxguard-matched")["matched"], f.row("pgd-matched")["matched"]
-    if a["target_ssim"] != b["target_ssim"] or len(a["calib_photos"]) != len(b["calib_photos"]):
-        raise RenderError(f"{f.rel}: the matched rows were chosen differently ({a['target_ssim']}, "
-                          f"{b['target_ssim']})")
-    return a
+@figure("purification.summary")
+def _(r: Results) -> str:
+    f = r.protection(PROTECTION)
+    rows = [n for n in ("wdp", "fluxguard", "pgd") if n in f.rows and f.rows[n].get("purification")]
+    if not rows:
+        return "not measured in this file"
+    cfg = f.row(rows[0])["purification"]["config"]
+    kept = ", ".join(f"{n} {pct(f.row(n)['purification']['impersonate']['kept']['1e-2'] or 0)} %" for n in rows)
+    return (f"after purifying the face with the lite SD model (noise to t = {cfg['strength']:g}, {cfg['num_steps']} "
+            f"DDIM steps) impersonation keeps this share of its PSR: {kept}")
+
+
+# ------------------------------------------------------------------------------------------------ transfer
+def _transfer_row(r: Results, name: str) -> dict[str, Any]:
+    rows = r.json(TRANSFER)["rows"]
+    if name not in rows:
+        raise RenderError(f"{TRANSFER} has no row {name!r} (rows: {', '.join(rows)})")
+    return rows[name]
+
+
+def _transfer_psr(row: dict[str, Any], mode: str, far: str = "1e-2") -> RateInterval:
+    return rate_interval(row["modes"][mode]["mean"][far] / 100, row["n_identities"])
+
+
+@block("transfer")
+def _(r: Results) -> str:
+    t = r.json(TRANSFER)
+    head = ["row", "what", "n", "dodging PSR @1e-1", "@1e-2", "kept after social", "impersonation PSR @1e-1",
+            "@1e-2", "dE2000", "visible", "s/face"]
+    rows = []
+    for name, row in t["rows"].items():
+        d = row["modes"]["dodge"]
+        kept = d["kept"]["1e-2"]
+        rows.append([f"`{name}`", row["what"], str(row["n_identities"]), ci(_transfer_psr(row, "dodge", "1e-1")),
+                     ci(_transfer_psr(row, "dodge")), "–" if kept is None else f"{pct(kept, 0)} %",
+                     ci(_transfer_psr(row, "impersonate", "1e-1")), ci(_transfer_psr(row, "impersonate")),
+                     f"{d['quality']['delta_e_mean']:.2f}", f"{pct(d['quality']['visible'])} %",
+                     f"{d['seconds_per_face']:.1f}"])
+    any_row = next(iter(t["rows"].values()))
+    clean = [f"{MODE_WORDS[m]} {any_row['modes'][m]['clean']['1e-2']:.1f} %" for m in ("dodge", "impersonate")]
+    return table(head, rows) + (
+        f"\n\nJudges never attacked: {', '.join(t['protocol']['judges'])}; attack: every shipped model. Clean photo "
+        f"(unprotected) at FAR 1e-2: {', '.join(clean)}. PSR in %, 95 % Wilson interval over identities.")
 
 
 CELLS = [(m, far) for m in ("dodge", "impersonate") for far in ("1e-1", "1e-2")]
 
 
-@figure("matched.target_ssim")
+@figure("transfer.pgd_vs_fluxguard")
 def _(r: Results) -> str:
-    return f"{_matched(r.protection(PROTECTION))['target_ssim']:g}"
+    return compare(lambda name, mode, far: _transfer_psr(_transfer_row(r, name), mode, far), "pgd", "fluxguard",
+                   ("PGD", "Flux-Guard (lite)"), CELLS)
 
 
-@figure("matched.calib_photos")
+@figure("transfer.identities")
 def _(r: Results) -> str:
-    return word(len(_matched(r.protection(PROTECTION))["calib_photos"]))
+    return str(max(row["n_identities"] for row in r.json(TRANSFER)["rows"].values()))
 
 
-@figure("matched.ssim_pgd")
+@figure("transfer.default_dodge")
 def _(r: Results) -> str:
-    return f"{r.protection(PROTECTION).face_ssim('pgd-matched'):.3f}"
+    from fluxguard.api import DEFAULT_METHOD
+
+    row = _transfer_row(r, DEFAULT_METHOD)
+    return f"{ci(_transfer_psr(row, 'dodge'))} % at FAR 1e-2 and {ci(_transfer_psr(row, 'dodge', '1e-1'))} % at 1e-1"
 
 
-@figure("matched.ssim_fluxguard")
+@figure("speed.demo")
 def _(r: Results) -> str:
-    return f"{r.protection(PROTECTION).face_ssim('fluxguard-matched'):.3f}"
+    t = r.json("benchmarks/results/threads.json")
 
+    def median(cond: str) -> str:
+        row = next(x for x in t["rows"] if x["condition"] == cond and x["threads"] == "auto")
+        walls = sorted(run["wall_s"] for run in row["runs"])
+        return f"{walls[len(walls) // 2]:.0f} s"
 
-@figure("matched.comparison")
-def _(r: Results) -> str:
-    return compare(r.protection(PROTECTION), "fluxguard-matched", "pgd-matched", ("Flux-Guard", "PGD"), CELLS)
-
-
-@figure("matched12.identities")
-def _(r: Results) -> str:
-    return str(r.protection(MATCHED12).identities())
-
-
-@figure("matched12.more")
-def _(r: Results) -> str:
-    return str(r.protection(MATCHED12).identities() - r.protection(PROTECTION).identities())
-
-
-@figure("matched12.ssim")
-def _(r: Results) -> str:
-    f = r.protection(MATCHED12)
-    fg, pgd = (f.face_ssim("fluxguard-matched"), f.face_ssim("fluxguard-matched", "impersonate")), (
-        f.face_ssim("pgd-matched"), f.face_ssim("pgd-matched", "impersonate"))
-    return f"{fg[0]:.3f} (impersonation {fg[1]:.3f}) for Flux-Guard and {pgd[0]:.3f} ({pgd[1]:.3f}) for PGD"
-
-
-@figure("matched12.comparison")
-def _(r: Results) -> str:
-    return compare(r.protection(MATCHED12), "fluxguard-matched", "pgd-matched", ("Flux-Guard", "PGD"), CELLS)
-
-
-# WDP and purification --------------------------------------------------------------------------------------
-def _purification(r: Results) -> ProtectionFile:
-    return r.protection(PURIFICATION)
-
-
-@figure("purification.identities")
-def _(r: Results) -> str:
-    return str(_purification(r).identities())
-
-
-@figure("purification.wdp")
-def _(r: Results) -> str:
-    f = _purification(r)
-    return f"{ci(f.psr('wdp', 'dodge'))} / {ci(f.psr('wdp', 'impersonate'))}"
-
-
-@figure("purification.wdp_ssim")
-def _(r: Results) -> str:
-    f = _purification(r)
-    return f"{f.face_ssim('wdp'):.2f} / {f.face_ssim('wdp', 'impersonate'):.2f}"
-
-
-@figure("purification.wdp_seconds")
-def _(r: Results) -> str:
-    return f"{_purification(r).row('wdp')['seconds_per_face']:.0f}"
-
-
-@figure("purification.vs_fluxguard")
-def _(r: Results) -> str:
-    f = _purification(r)
-    pairs = [(f"{MODE_WORDS[m]} @1e-2", f.psr("wdp", m), f.psr("fluxguard", m)) for m in ("dodge", "impersonate")]
-    return (f"Flux-Guard reaches {' / '.join(ci(b) for _, _, b in pairs)}: "
-            f"{verdict(pairs, ('WDP', 'Flux-Guard'))}")
-
-
-@figure("purification.config")
-def _(r: Results) -> str:
-    cfg = _purification(r).row("wdp")["purification"]["config"]
-    return f"noise to t = {cfg['strength']:g}, {cfg['num_steps']} DDIM steps"
-
-
-@figure("purification.kept")
-def _(r: Results) -> str:
-    f = _purification(r)
-    parts = [f"{pct(f.row(n)['purification']['impersonate']['kept']['1e-2'])} % ({n})"
-             for n in ("wdp", "fluxguard", "pgd")]
-    return f"{parts[0]}, {parts[1]} and {parts[2]}"
-
-
-def _purified(f: ProtectionFile, name: str, mode: str) -> RateInterval:
-    r = f.row(name)
-    return rate_interval(r["purification"][mode]["mean"]["1e-2"], r["n_identities"])
-
-
-@figure("purification.wdp_verdict")
-def _(r: Results) -> str:
-    f = _purification(r)
-    wdp = _purified(f, "wdp", "impersonate")
-    others = [n for n in ("fluxguard", "pgd") if n in f.rows]
-    if all(wdp.beats(_purified(f, n, "impersonate")) for n in others):
-        return "WDP keeps more impersonation PSR after purification than the others (95 % intervals apart)"
-    return "WDP's claimed advantage under purification is not reproduced"
-
-
-@figure("purification.clean_dodge")
-def _(r: Results) -> str:
-    f = _purification(r)
-    after = {d["dodge"]["clean_mean"]["1e-2"] for d in (x["purification"] for x in f.rows.values())}
-    if len(after) != 1:
-        raise RenderError(f"{f.rel}: rows disagree on the clean purified rate {sorted(after)}")
-    return (f"leaves {pct(after.pop())} % of the clean photos unmatched, against {pct(f.clean('dodge').value)} % "
-            "before")
-
-
-@figure("speed.wdp")
-def _(r: Results) -> str:
-    threads = r.json(PURIFICATION)["environment"]["threads"]
-    return (f"{_purification(r).row('wdp')['seconds_per_face']:.0f} s per face on {word(threads)} "
-            f"thread{'s' if threads != 1 else ''}")
-
-
-@figure("speed.wdp_steps")
-def _(r: Results) -> str:
-    return str(_purification(r).row("wdp")["params"]["prot_steps"])
+    return (f"`fluxguard protect --demo` takes {median('idle')} on the {t['cpus']}-core machine and "
+            f"{median('loaded')} with another process holding one core (wall time of the whole command, model "
+            "loading included, `--threads auto`)")
 
 
 # ------------------------------------------------------------------------------------------------ example
+def _example(r: Results) -> dict[str, Any]:
+    from fluxguard.api import DEFAULT_METHOD
+
+    return r.json(f"docs/images/astronaut_{DEFAULT_METHOD}_medium.json")
+
+
 def _example_rows(r: Results) -> list[tuple[str, dict[str, Any], float]]:
-    ex, th = r.json(EXAMPLE), r.json(THRESHOLDS)["models"]
+    ex, th = _example(r), r.json(THRESHOLDS)["models"]
     return [(m, s, th[m]["thresholds"]["1e-2"]) for m, s in ex["similarity"].items()]
 
 
 @block("example")
 def _(r: Results) -> str:
-    mode = r.json(EXAMPLE)["params"]["mode"]
-    rows, changed = [], []
+    ex = _example(r)
+    mode = ex["params"]["mode"]
+    rows = []
     for m, s, t in _example_rows(r):
         still = not bool(success(s["after"], t, mode))
-        if still != (not bool(success(s["after"], s["threshold_far_1e-2"], mode))):
-            changed.append(m)
         rows.append([m, f"{s['before']:.3f}", f"{s['after']:.3f}", f"{t:.3f}", "**yes**" if still else "no"])
-    out = table(["FR model", "similarity before", "after", "threshold (FAR 1e-2)", "still matches?"], rows)
-    recorded = [s["threshold_far_1e-2"] for _, s, _ in _example_rows(r)]
-    if any(f"{a:.3f}" != f"{t:.3f}" for a, (_, _, t) in zip(recorded, _example_rows(r), strict=True)):
-        same = "the same verdicts" if not changed else f"the opposite verdict for {', '.join(changed)}"
-        out += ("\n\nThresholds: the shipped calibration (`src/fluxguard/recognition/thresholds.json`); the run "
-                f"recorded an earlier one ({' / '.join(f'{v:.3f}' for v in recorded)}), which gives {same}.")
-    return out
+    q = ex["quality"]
+    return table(["FR model", "similarity before", "after", "threshold (FAR 1e-2)", "still matches?"], rows) + (
+        f"\n\nThe face, as people see it: mean CIEDE2000 {q['delta_e_mean']:.2f} (95th percentile "
+        f"{q['delta_e_p95']:.2f}), {pct(q['visible'])} % of the face above its JND, colour shift dL* {q['dL']:+.2f} "
+        f"da* {q['da']:+.2f} db* {q['db']:+.2f}; outside the face "
+        + ("bit-exact" if q["changed_outside"] == 0 else f"{q['changed_outside']} pixels changed") + ".")
 
 
 @figure("example.command")
 def _(r: Results) -> str:
-    return f"`{r.json(EXAMPLE)['command']}`"
+    return f"`{_example(r)['command']}`"
 
 
 @figure("example.setting")
 def _(r: Results) -> str:
-    ex = r.json(EXAMPLE)
+    ex = _example(r)
     p = ex["params"]
-    return (f"L-inf {eps255(p['eps'])}, {p['steps']} steps, {MODE_WORDS[p['mode']]}, the {word(len(p['fr_models']))} "
-            f"shipped FR models attacked; {ex['seconds']:.0f} s on {word(ex['torch_threads'])} CPU thread")
+    return (f"{ex['method']}, budget {p['budget']['name']}, {MODE_WORDS[p['mode']]}, the "
+            f"{word(len(p['fr_models']))} shipped FR models attacked; {ex['seconds']:.0f} s on "
+            f"{word(ex['torch_threads'])} CPU thread")
 
 
-@figure("example.psnr")
+@figure("example.image")
 def _(r: Results) -> str:
-    return f"{r.json(EXAMPLE)['psnr_db']:.1f}"
+    from fluxguard.api import DEFAULT_METHOD
+
+    return f"docs/images/astronaut_{DEFAULT_METHOD}_medium.png"
 
 
 @figure("example.still_matches")
 def _(r: Results) -> str:
-    mode = r.json(EXAMPLE)["params"]["mode"]
+    mode = _example(r)["params"]["mode"]
     n = sum(not bool(success(s["after"], t, mode)) for _, s, t in _example_rows(r))
     return {0: "no model that still matches", 1: "a model that still matches"}.get(n, f"{word(n)} models that "
                                                                                       "still match")
@@ -536,28 +494,10 @@ def _(r: Results) -> str:
 LITE = "benchmarks/results/lite.json"
 
 
-@figure("lite.protect")
-def _(r: Results) -> str:
-    p = r.json(LITE)["protect_512px_photo"]
-    return f"**{p['protect_s']:.1f} s** with {p['threads']} threads (models load in {p['load_s']:.1f} s)"
-
-
-@figure("lite.photo")
-def _(r: Results) -> str:
-    p = r.json(LITE)["protect_512px_photo"]
-    return (f"a {p['photo_px'][0]} px photo with {word(p['faces'])} face{'s' if p['faces'] != 1 else ''}, "
-            f"Flux-Guard on the lite models, all {word(len(p['fr_models']))} shipped FR models attacked")
-
-
 @figure("lite.vae")
 def _(r: Results) -> str:
     q = r.json(LITE)["quality"]
     return f"{q['n']} held-out face crops {q['psnr_mean']:.1f} dB PSNR / {q['ssim_mean']:.3f} SSIM"
-
-
-@figure("lite.vae_psnr")
-def _(r: Results) -> str:
-    return f"{r.json(LITE)['quality']['psnr_mean']:.0f}"
 
 
 @figure("lite.size")

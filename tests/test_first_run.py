@@ -18,9 +18,9 @@ WITHOUT_ACCELERATE = ("import sys; sys.modules['accelerate'] = None; sys.argv[0]
 def test_demo_without_accelerate_prints_no_third_party_warning(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "FLUXGUARD_CACHE": str(tmp_path / "cache"), "PYTHONWARNINGS": "default"}
-    # The default method on the lite models, as --demo runs it; one Adam step (the models load the same way).
-    cmd = [sys.executable, "-c", WITHOUT_ACCELERATE, "protect", "--demo", "--out", str(tmp_path / "out"),
-           "--param", "adam_steps=1", "--json"]
+    # Flux-Guard on the lite models (diffusers loads them; the default method loads none), one Adam step.
+    cmd = [sys.executable, "-c", WITHOUT_ACCELERATE, "protect", "--demo", "--method", "fluxguard", "--out",
+           str(tmp_path / "out"), "--param", "adam_steps=1", "--json"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["counts"]["protected"] == 1

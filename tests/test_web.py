@@ -134,7 +134,9 @@ def test_method_controls_follow_the_registry(service) -> None:
 
     full = WebService()
     try:
-        assert full.methods == METHODS.names() and full.default_method == "fluxguard"
+        from fluxguard.defaults import DEFAULT_METHOD
+
+        assert full.methods == METHODS.names() and full.default_method == DEFAULT_METHOD
         # the built-in lite FLUX has no text encoders: no edit box until a real FLUX model is configured
         assert not full.supports_edit("fluxguard") and not full.supports_edit("pgd")
         assert full.strengths("wdp") == ["low", "medium", "high"]

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fluxguard.defaults import DEFAULT_METHOD
 from fluxguard.errors import ConfigError, NoFaceError
 from fluxguard.faces.types import Face
 from fluxguard.io import LoadedImage, load_image, save_image
@@ -35,7 +36,7 @@ ImageInput = str | os.PathLike[str] | bytes | np.ndarray | LoadedImage
 # progress(stage, step, total): "face 1/2: attack", 3, 50
 ProgressFn = Callable[[str, int, int], None]
 
-DEFAULT_METHOD = "fluxguard"
+
 
 
 def as_loaded(image: ImageInput, *, max_pixels: int | None = None) -> LoadedImage:

@@ -23,6 +23,7 @@ from fluxguard.batch import (
 )
 from fluxguard.cli._app import app
 from fluxguard.cli._common import console, friendly_errors, split_names
+from fluxguard.defaults import DEFAULT_METHOD
 from fluxguard.errors import ConfigError
 from fluxguard.io.image import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_PIXELS
 from fluxguard.threads import AUTO
@@ -69,7 +70,8 @@ def parse_threads(value: str) -> int | str:
 def protect(
     photos: list[str] = typer.Argument(None, help="Photos, folders or quoted glob patterns.", show_default=False),
     out: Path = typer.Option(Path("protected"), "--out", "-o", help="Output folder (created if needed)."),
-    method: str = typer.Option("fluxguard", "--method", "-m", help="Protection method: fluxguard, wdp, pgd."),
+    method: str = typer.Option(DEFAULT_METHOD, "--method", "-m", help="Protection method: pgd (default), fluxguard, "
+                               "wdp."),
     mode: str = typer.Option("dodge", "--mode", help="dodge (FR must not match you) or impersonate (--target)."),
     target: Path | None = typer.Option(None, "--target", help="Photo of the identity to impersonate."),
     fr_models: str | None = typer.Option(None, "--fr-models", help="Attack ensemble, comma-separated "
