@@ -57,6 +57,14 @@ def psr_table(results: Mapping[str, Any], mode: str, white_box: bool = False) ->
     return head, rows
 
 
+def _seen(q: Mapping[str, Any]) -> str:
+    """One line of a face's quality as people see it (older records without it: face SSIM / PSNR)."""
+    if q.get("delta_e_mean") is None:
+        return f"face SSIM {_num(q.get('face_ssim'))}, PSNR {_num(q.get('face_psnr'), 1)} dB"
+    return (f"dE2000 {_num(q['delta_e_mean'], 2)}, visible {100 * q['visible']:.0f} %, dL* {q['dL']:+.2f} "
+            f"da* {q['da']:+.2f} db* {q['db']:+.2f}")
+
+
 def quality_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Quality as people see it over the face mask (CIEDE2000, visible share, colour shift, PSNR outside the
     masks), then the classic face-box and photo figures."""
@@ -287,8 +295,7 @@ def _thumbnails(results: Mapping[str, Any], out_dir: Path, per_mode: int = 6) ->
                 f"<figure><div class='row'><img alt='source' src='{_jpeg(a)}'><img alt='protected' src='{_jpeg(b)}'>"
                 f"<img alt='difference x8' src='{_jpeg(diff)}'></div><figcaption><b>{html.escape(it['identity'])}"
                 f"</b> ({MODE_TITLE.get(mode, mode)}, {html.escape(it['zoo_tag'])}): source / protected / |diff| x8"
-                f"{tgt}<br>face SSIM {_num(it['quality'].get('face_ssim'))}, PSNR "
-                f"{_num(it['quality'].get('face_psnr'), 1)} dB<br>cos clean → protected:<br>{sims}</figcaption>"
+                f"{tgt}<br>{_seen(it['quality'])}<br>cos clean → protected:<br>{sims}</figcaption>"
                 "</figure>")
             seen += 1
     return figs

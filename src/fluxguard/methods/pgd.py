@@ -3,7 +3,7 @@
 Distance measure: a per-pixel L-inf bound on the aligned portrait crop, the scaled JND of each pixel inside the
 face mask and 0 outside (:class:`~fluxguard.losses.visibility.VisibilityBudget`): the change goes where texture hides
 it, never onto the background or hair. ``eps`` optionally caps it further with a uniform L-inf budget (the classic
-TIP-IM-style 8/255). Input range [0, 1].
+TIP-IM-style 8/255 of earlier versions). Input range [0, 1].
 With ``momentum=0, diversity_prob=0`` it is plain PGD (Madry et al. 2018); the defaults are MI-FGSM
 (Dong et al. 2018, arXiv 1710.06081) with input diversity (Xie et al. 2019, arXiv 1803.06978), which is what
 transfers to FR models that were not attacked. ``eot`` adds expectation over JPEG / resize (straight-through
