@@ -53,6 +53,8 @@ ROWS: dict[str, tuple[str, str, dict[str, Any], str]] = {
                    "the colour-difference budget as an L1 ball (sparse change)"),
     "pgd-ti": ("pgd", "medium", {"ti_kernel": 5}, "translation-invariant gradients (5 px)"),
     "pgd-eot": ("pgd", "medium", {"eot": ["jpeg"]}, "expectation over JPEG"),
+    "pgd-centroid": ("pgd", "medium", {"target_views": 8, "source_weight": 0.5},
+                     "impersonation: towards the target's centroid over 8 views, away from the source"),
     "fluxguard-low": ("fluxguard", "low", {}, "Flux-Guard on the lite models, low budget"),
     "fluxguard": ("fluxguard", "medium", {}, "Flux-Guard on the lite models, medium budget"),
     "fluxguard-high": ("fluxguard", "high", {}, "Flux-Guard on the lite models, high budget"),

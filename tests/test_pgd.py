@@ -65,3 +65,18 @@ def test_pgd_rejects_bad_parameters(tiny_recognizers) -> None:
         METHODS["pgd"](tiny_recognizers, eot=("blur",))
     with pytest.raises(ConfigError, match="target"):
         METHODS["pgd"](tiny_recognizers, mode="impersonate").protect_faces(_crops())
+
+
+def test_impersonation_centroid_and_away_from_source(tiny_recognizers) -> None:
+    x, tgt = _crops(0, 1), _crops(5, 1)
+    plain = IdentityLoss(tiny_recognizers, x, tgt)
+    views = IdentityLoss(tiny_recognizers, x, tgt, target_views=6)
+    for a, b in zip(plain.refs, views.refs, strict=True):
+        assert torch.allclose(b.norm(dim=-1), torch.ones(1), atol=1e-5)  # a unit centroid
+        assert float((a * b).sum()) > 0.5 and not torch.allclose(a, b)  # near the photo's embedding, not it
+    away = IdentityLoss(tiny_recognizers, x, tgt, source_weight=0.5)
+    cos_src = torch.stack([(e * s).sum(-1) for e, s in zip(away.embeddings(x), away.sources, strict=True)])
+    assert torch.allclose(away.per_model(x), plain.per_model(x) + 0.5 * cos_src, atol=1e-6)
+    res = METHODS["pgd"](tiny_recognizers, mode=Mode.IMPERSONATE, steps=10, crop_size=64, target_views=4,
+                         source_weight=0.5).protect_faces(x, target=tgt)
+    assert float(views(res.crops)) < float(views(x))

@@ -47,6 +47,8 @@ class IdentityLoss(nn.Module):
         *,
         reduction: Literal["mean", "sum"] = "mean",
         guide: torch.Tensor | None = None,
+        target_views: int = 1,
+        source_weight: float = 0.0,
     ):
         super().__init__()
         if reduction not in ("mean", "sum"):
@@ -67,9 +69,16 @@ class IdentityLoss(nn.Module):
                     ref_lm = torch.as_tensor(target_landmarks, dtype=torch.float64)
                 else:
                     ref_lm = torch.as_tensor(portrait_template(int(target.shape[-1])), dtype=torch.float64)
-            self.refs = [r(ref, ref_lm).detach() for r in self.recognizers]
+            if target is None or target_views <= 1:
+                self.refs = [r(ref, ref_lm).detach() for r in self.recognizers]
+            else:
+                self.refs = [_centroid(r, ref, ref_lm, target_views) for r in self.recognizers]
             self.guides = None if guide is None else [r(guide, self.landmarks).detach() for r in self.recognizers]
+            # impersonation with source_weight > 0 also moves away from the source's own embedding
+            self.sources = ([r(source, self.landmarks).detach() for r in self.recognizers]
+                            if target is not None and source_weight > 0 else None)
         self.impersonate = target is not None
+        self.source_weight = float(source_weight)
 
     def embeddings(self, images: torch.Tensor, landmarks: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Per model, the (B, D) unit embeddings of ``images``.
@@ -94,6 +103,9 @@ class IdentityLoss(nn.Module):
         """(M, B) loss terms of precomputed embeddings, one row per model."""
         cos = self.cosines(embeddings)
         if self.impersonate:
+            if self.sources is not None:
+                away = torch.stack([(e * s).sum(-1) for e, s in zip(embeddings, self.sources, strict=True)])
+                return 1.0 - cos + self.source_weight * away
             return 1.0 - cos
         if self.guides is not None:
             return cos - torch.stack([(e * g).sum(-1) for e, g in zip(embeddings, self.guides, strict=True)])
@@ -110,3 +122,23 @@ class IdentityLoss(nn.Module):
 
     def names(self) -> list[str]:
         return [r.name for r in self.recognizers]
+
+
+def _centroid(model: FaceRecognizer, crops: torch.Tensor, landmarks: torch.Tensor, views: int) -> torch.Tensor:
+    """(B, D) unit mean embedding of ``views`` views of target crops: the crop itself, its mirror image, and
+    crops jittered by +-5 % scale and shift (fixed draws). A target's identity is what survives such changes, and an
+    attack aimed at the centroid is aimed at the identity rather than at one photo's accidents."""
+    size = int(crops.shape[-1])
+    lm = torch.as_tensor(landmarks, dtype=torch.float64)
+    lm = lm.expand(crops.shape[0], 5, 2) if lm.dim() == 2 else lm
+    mirrored_lm = lm[:, [1, 0, 2, 4, 3]].clone()
+    mirrored_lm[..., 0] = size - 1 - mirrored_lm[..., 0]
+    embs = [model(crops, lm), model(crops.flip(-1), mirrored_lm)]
+    g = torch.Generator().manual_seed(0)
+    centre = lm.mean(1, keepdim=True)
+    for _ in range(views - 2):
+        r = torch.rand(4, generator=g, dtype=torch.float64) * 2 - 1
+        jittered = (lm - centre) * (1 + 0.05 * r[0]) + centre + 0.05 * size * r[1:3]
+        embs.append(model(crops, jittered))
+    mean = torch.stack(embs[:views]).mean(0)
+    return torch.nn.functional.normalize(mean, dim=-1).detach()

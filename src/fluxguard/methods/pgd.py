@@ -49,6 +49,10 @@ class PGDConfig:
     # "mean": the ensemble's loss is the mean over models; "balanced": each model's gradient is normalised (mean
     # absolute value 1) before they are summed, so no easy model dominates the direction
     model_weighting: str = "mean"
+    # impersonation: the target embedding is the mean of this many views of the target photo (itself, mirrored,
+    # jittered), and source_weight also pushes away from the source's own embedding
+    target_views: int = 1
+    source_weight: float = 0.0
     crop_size: int | None = None  # None: each face at its own resolution in the photo (no resampling loss)
 
     def validate(self) -> None:
@@ -58,6 +62,8 @@ class PGDConfig:
             raise ConfigError("steps must be >= 1 and step_size > 0")
         if not 0 <= self.diversity_prob <= 1:
             raise ConfigError("diversity_prob must be in [0, 1]")
+        if self.target_views < 1 or self.source_weight < 0:
+            raise ConfigError("target_views must be >= 1 and source_weight >= 0")
         if self.model_weighting not in ("mean", "balanced"):
             raise ConfigError(f"model_weighting must be mean or balanced, got {self.model_weighting!r}")
         if self.projection not in ("box", "sparse"):
@@ -158,7 +164,8 @@ class PGD(ProtectionMethod):
         bound = self.change_bound(x0, m)
         if cfg.eps is not None:
             bound = bound.clamp(max=cfg.eps)
-        loss_fn = IdentityLoss(self.recognizers, x0, target)
+        loss_fn = IdentityLoss(self.recognizers, x0, target, target_views=cfg.target_views,
+                               source_weight=cfg.source_weight)
         sparse = None
         if cfg.projection == "sparse":
             cost = delta_e_cost(x0) * m
