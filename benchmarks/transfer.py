@@ -89,7 +89,13 @@ def main() -> None:
     ap.add_argument("--append", action="store_true", help="keep the other rows of an existing results file")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sheet-row", default=None, help="row whose contact sheet is written (default: the first)")
+    ap.add_argument("--merge", nargs="*", type=Path, default=None,
+                    help="combine the rows of these results files (runs made in parallel) into --out/--name, then "
+                    "write the contact sheet of --sheet-row from the cached photos; protects and judges nothing")
     args = ap.parse_args()
+    if args.merge is not None:
+        merge(args)
+        return
 
     import torch
 
@@ -136,7 +142,6 @@ def main() -> None:
     results_path = args.out / f"{args.name}.json"
     old = json.loads(results_path.read_text()) if (args.append and results_path.is_file()) else {}
     rows_out: dict[str, Any] = dict(old.get("rows", {}))
-    sheets: dict[str, list] = {}
     for name in args.rows.split(","):
         method, strength, params, what = ROWS[name]
         key = row_key(method, strength, params, zoo)
@@ -180,8 +185,6 @@ def main() -> None:
                         "social": float(embed(j, soc, lm * scale) @ ref),
                     }
                 items.append(item)
-                if len(sheets.setdefault(name, [])) < 8 and mode == "dodge":
-                    sheets[name].append((src.rgb, out_rgb, s.source_face.box, meta["quality"], s.identity))
             per_mode[mode] = summarise(items, judges, mode, rate_interval)
         params_used = json.loads((next(folder.glob("*.json"))).read_text())["params"]
         rows_out[name] = {"method": method, "strength": strength, "params": params, "what": what,
@@ -201,15 +204,60 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(report, indent=1))
     (args.out / f"{args.name}.md").write_text(markdown(report))
-    sheet_row = args.sheet_row or args.rows.split(",")[0]
-    if sheet_row in sheets:
-        from PIL import Image
+    args.sheet_row = args.sheet_row or args.rows.split(",")[0]
+    if args.sheet_row in rows_out and "dodge" in rows_out[args.sheet_row]["modes"]:
+        write_sheet(args, rows_out[args.sheet_row])
 
-        from fluxguard.eval.contact_sheet import SheetRow, caption, contact_sheet
 
-        img = contact_sheet([SheetRow(a, b, box, caption(q, ident)) for a, b, box, q, ident in sheets[sheet_row]],
-                            title=f"{sheet_row}: {ROWS[sheet_row][3]}")
-        Image.fromarray(img).save(args.out / f"{args.name}_{sheet_row}.jpg", quality=88, subsampling=0, optimize=True)
+def merge(args: argparse.Namespace) -> None:
+    """One report from several (rows of later files replace same-named earlier ones)."""
+    report: dict[str, Any] = {}
+    for path in args.merge:
+        part = json.loads(path.read_text())
+        for row in part["rows"].values():  # files written before rows carried their own command and identities
+            row.setdefault("command", part["command"])
+            row.setdefault("identities", part["protocol"].get("identities", [])[: row["n_identities"]])
+        if not report:
+            report = {**part, "rows": {}}
+            report["protocol"] = {k: v for k, v in part["protocol"].items() if k not in ("n_identities",
+                                                                                      "identities")}
+        report["rows"].update(part["rows"])
+    report["command"] = "python benchmarks/transfer.py --merge " + " ".join(str(p) for p in args.merge)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
+    (args.out / f"{args.name}.md").write_text(markdown(report))
+    if args.sheet_row:
+        write_sheet(args, report["rows"][args.sheet_row])
+
+
+def write_sheet(args: argparse.Namespace, row: dict[str, Any]) -> None:
+    """The contact sheet of a row's first 8 dodging faces, from the cached protected photos."""
+    from PIL import Image
+
+    from fluxguard.data import find_faces_dir
+    from fluxguard.eval.contact_sheet import SheetRow, caption, contact_sheet
+    from fluxguard.eval.protocol import find_subjects
+    from fluxguard.faces.detect import detect_cached
+    from fluxguard.io import load_image
+    from fluxguard.recognition import shipped_models
+
+    data = args.data or find_faces_dir()
+
+    def file_faces(p: Path) -> tuple[list, tuple[int, int]]:
+        img = load_image(p)
+        return detect_cached(p, image=img.rgb), img.rgb.shape[:2]
+
+    name = args.sheet_row
+    folder = args.work / f"{name}-{row_key(row['method'], row['strength'], row['params'], shipped_models())}"
+    sheet = []
+    for s in find_subjects(data, 8, file_faces, []):
+        png, meta = folder / f"dodge-{s.identity}.png", folder / f"dodge-{s.identity}.json"
+        if png.is_file() and meta.is_file():
+            q = json.loads(meta.read_text())["quality"]
+            sheet.append(SheetRow(load_image(s.source).rgb, load_image(png).rgb, s.source_face.box,
+                                  caption(q, s.identity)))
+    img = contact_sheet(sheet, title=f"{name}: {row['what']}")
+    Image.fromarray(img).save(args.out / f"{args.name}_{name}.jpg", quality=88, subsampling=0, optimize=True)
 
 
 def summarise(items: list[dict], judges: list, mode: str, rate_interval: Any) -> dict[str, Any]:
