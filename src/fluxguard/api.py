@@ -326,24 +326,18 @@ class Protector:
 
         masks = [face_mask(af.crop)[0] for af in aligned]
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        edited, histories, used_masks, visibility = [], [], [], []
+        edited, histories, used_masks = [], [], []
         t1 = time.perf_counter()
         for i, af in enumerate(aligned):
             stage = f"face {i + 1}/{len(aligned)}"
             cb = None if progress is None else (lambda s, k, n, _p=stage: progress(f"{_p}: {s}", k, n))
             res = self.method.protect(af.crop[None], masks=masks[i][None], target=target_crops.get(af.size),
-                                      generator=gen,
-                                      progress=cb)
+                                      generator=gen, progress=cb)
             edited.append(res.crops[0])
             used_masks.append(res.masks[0] if res.masks is not None else masks[i])
             histories.append(res.history)
-            visibility.append(res.info.get("visibility", [{}])[0])
         timings["method"] = time.perf_counter() - t1
         out = to_uint8(paste_back(photo, aligned, edited, used_masks))
-        from fluxguard.eval.quality import face_quality
-        from fluxguard.faces.align import photo_mask
-
-        mask_photo = photo_mask(out.shape[:2], aligned, used_masks).numpy()
 
         t2 = time.perf_counter()
         protected = to_tensor(out, self.device)
@@ -363,9 +357,13 @@ class Protector:
                     "attacked": r.name in attacked,
                 }
             results.append(FaceResult(face=face, similarity=sims, history=hist))
-        for i, r in enumerate(results):
-            single = photo_mask(out.shape[:2], [aligned[i]], [used_masks[i]]).numpy()
-            r.quality = face_quality(loaded.rgb, out, single, outside=mask_photo)
+        from fluxguard.eval.quality import face_quality
+        from fluxguard.faces.align import photo_mask
+
+        per_face = [photo_mask(out.shape[:2], [af], [m]).numpy() for af, m in zip(aligned, used_masks, strict=True)]
+        union = np.maximum.reduce(per_face)
+        for r, m in zip(results, per_face, strict=True):
+            r.quality = face_quality(loaded.rgb, out, m, outside=union)
         timings["score"] = time.perf_counter() - t2
         timings["total"] = time.perf_counter() - t0
         return ProtectionResult(
