@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 from fluxguard.eval.psr import rate_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("bench_protection", ROOT / "benchmarks" / "protection.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
-
-protection = _load_benchmark()
+protection = load_script("benchmarks/protection.py", "bench_protection")
 TH = {"1e-1": 0.3, "1e-2": 0.5, "1e-3": 0.7}
 
 

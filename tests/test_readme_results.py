@@ -3,25 +3,19 @@ fails when either side changes alone."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("README.md", "benchmarks/results", "docs/images", "src/fluxguard/recognition/thresholds.json")
 
 
-def _load_renderer():
-    spec = importlib.util.spec_from_file_location("render_readme", ROOT / "scripts" / "render_readme.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
-
-render_readme = _load_renderer()
+render_readme = load_script("scripts/render_readme.py", "render_readme")
 
 
 @pytest.fixture
