@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--name", default="visibility", help="results file stem")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--append", action="store_true", help="keep the other (method, budget) entries of the results")
     args = ap.parse_args()
 
     import torch
@@ -109,12 +110,23 @@ def main() -> None:
             results.append({**summ, "per_face": per_face})
             rows.append(summ)
             print(json.dumps({k: v for k, v in summ.items() if k != "params"}), flush=True)
-    report = {"command": "python benchmarks/visibility.py " + " ".join(sys.argv[1:]),
-              "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "threads": args.threads,
-              "photos": [n for n, _ in todo], "results": results}
-    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
-    md = ["# Visibility of each method at each budget\n", f"`{report['command']}` ({report['created']}, "
-          f"{args.threads} thread). Faces: {', '.join(report['photos'])} (every face of each photo). Measured on the "
+    command = "python benchmarks/visibility.py " + " ".join(sys.argv[1:])
+    for r in results:
+        r["command"], r["photos"] = command, [n for n, _ in todo]
+    path = args.out / f"{args.name}.json"
+    if args.append and path.is_file():
+        done = {(r["method"], r["budget"]) for r in results}
+        old = [r for r in json.loads(path.read_text())["results"] if (r["method"], r["budget"]) not in done]
+        results = old + results
+        rows = [{k: v for k, v in r.items() if k != "per_face"} for r in results]
+    report = {"command": command, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "threads": args.threads,
+              "results": results}
+    path.write_text(json.dumps(report, indent=1))
+    commands = list(dict.fromkeys(r["command"] for r in results))
+    all_photos = list(dict.fromkeys(p for r in results for p in r["photos"]))
+    md = ["# Visibility of each method at each budget\n", *[f"`{c}`" for c in commands],
+          f"\n({report['created']}, {args.threads} thread). Faces: {', '.join(all_photos)} (every face of each photo; "
+          "each row's photos are in the JSON). Measured on the "
           "saved 8-bit photos over each face's mask (`fluxguard.eval.quality.face_quality`); white-box similarity "
           "= cosine of the protected face to the original, all shipped models attacked.\n",
           "| method | budget | faces | dE2000 mean | dE2000 p95 | visible | max abs dL*/da*/db* | changed outside | "
