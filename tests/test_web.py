@@ -73,6 +73,8 @@ def test_service_protects_strips_metadata_and_reports_every_judge(tmp_path: Path
     assert (name, face, model, attacked) == ("holiday.jpg", 1, "mobileface", "yes")
     assert before == pytest.approx(1.0, abs=1e-3) and after < before and 0 < threshold < 1
     assert seen and seen[-1][0].startswith("holiday.jpg (1/1): ") and seen[-1][1] == seen[-1][2]
+    # how visible the change is, per face, as the status line says it
+    assert len(res.looks) == 1 and "CIEDE2000" in res.looks[0] and "outside the faces unchanged" in res.looks[0]
     # the cached Protector was built with the server's fixed steps under the chosen preset
     p = service.protector("pgd", "dodge", "low", None)
     assert p.params()["steps"] == 2 and p.params()["budget"]["name"] == "low"

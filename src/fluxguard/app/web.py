@@ -48,6 +48,7 @@ class WebResult:
     files: list[str] = field(default_factory=list)
     rows: list[list[Any]] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
+    looks: list[str] = field(default_factory=list)  # per face: how visible the change is
 
 
 class WebService:
@@ -217,6 +218,13 @@ class WebService:
                     result.before = load_image(path, max_pixels=self.max_pixels).rgb
                     result.after = load_image(entry["output"]).rgb
                 for j, face in enumerate(entry["faces"]):
+                    q = face.get("quality") or {}
+                    if q.get("delta_e_mean") is not None:
+                        outside = "unchanged" if q["changed_outside"] == 0 else f"{q['changed_outside']} px changed"
+                        result.looks.append(
+                            f"{name}, face {j + 1}: colour difference (CIEDE2000) {q['delta_e_mean']:.2f}, "
+                            f"{100 * q['visible']:.0f} % of the face above its just-noticeable difference, colour "
+                            f"shift {max(abs(q['dL']), abs(q['da']), abs(q['db'])):.2f}; outside the faces {outside}")
                     for model, s in face["similarity"].items():
                         th = s.get("threshold_far_1e-2")
                         result.rows.append([name, j + 1, model, "yes" if s["attacked"] else "no (held out)",
@@ -301,6 +309,8 @@ def build_app(service: WebService, *, max_queue: int = 16) -> Any:
         for m in res.messages:
             gr.Warning(m)
         status = f"Protected {len(res.files)} photo(s)." + (" " + " ".join(res.messages) if res.messages else "")
+        if res.looks:
+            status += "\n\nHow visible: " + "; ".join(res.looks) + "."
         return res.before, res.after, res.rows, res.files, status
 
     strengths = service.strengths(service.default_method)
