@@ -362,6 +362,22 @@ def _(r: Results) -> str:
                    ("PGD", "Flux-Guard (lite)"), CELLS)
 
 
+@figure("transfer.equal_visibility")
+def _(r: Results) -> str:
+    """Flux-Guard spends less of a budget than PGD: compare the two at about the same mean CIEDE2000."""
+    rows = {n: _transfer_row(r, n) for n in ("fluxguard", "pgd", "fluxguard-high", "pgd-low")}
+
+    def de(n: str) -> str:
+        return f"{rows[n]['modes']['dodge']['quality']['delta_e_mean']:.2f}"
+
+    text = compare(lambda name, mode, far: _transfer_psr(rows[name], mode, far), "fluxguard-high", "pgd-low",
+                   ("Flux-Guard", "PGD"), CELLS)
+    return (f"at the `medium` budget Flux-Guard's mean CIEDE2000 is {de('fluxguard')} against PGD's {de('pgd')}: its "
+            f"regenerated change stays well inside the per-pixel bound that PGD's sign steps fill. At about equal "
+            f"visibility, Flux-Guard at `high` (CIEDE2000 {de('fluxguard-high')}) against PGD at `low` "
+            f"({de('pgd-low')}) gives {text}")
+
+
 @figure("transfer.identities")
 def _(r: Results) -> str:
     return str(max(row["n_identities"] for row in r.json(TRANSFER)["rows"].values()))
