@@ -53,13 +53,12 @@ def test_a_changed_result_fails_the_check(repo: Path, capsys) -> None:
     assert render_readme.main(["--check", "--root", str(repo)]) == 0
 
     def edit(report: dict) -> None:
-        _row(report, "fluxguard")["modes"]["dodge"]["mean"]["1e-1"] = 0.5
+        _row(report, "pgd")["modes"]["dodge"]["mean"]["1e-1"] = 0.5
 
     _edit_json(repo / "benchmarks/results/protection.json", edit)
     assert render_readme.main(["--check", "--root", str(repo)]) == 1
     diff = capsys.readouterr().out
-    assert "-| fluxguard, lite (default) | dodge | 6 | 93.1" in diff
-    assert "+| fluxguard, lite (default) | dodge | 6 | 50.0" in diff
+    assert any(line.startswith("+| pgd, medium | dodge |") and "| 50.0 [" in line for line in diff.splitlines())
     # the default mode rewrites README.md, after which the check passes
     assert render_readme.main(["--root", str(repo)]) == 0
     assert render_readme.main(["--check", "--root", str(repo)]) == 0
@@ -68,20 +67,21 @@ def test_a_changed_result_fails_the_check(repo: Path, capsys) -> None:
 def test_a_hand_edited_readme_figure_fails_the_check(repo: Path, capsys) -> None:
     readme = repo / "README.md"
     text = readme.read_text()
-    assert "PSNR to the original: <!-- f:example.psnr -->40.8<!-- /f --> dB" in text
-    readme.write_text(text.replace("<!-- f:example.psnr -->40.8<!-- /f -->", "<!-- f:example.psnr -->41.8<!-- /f -->"))
+    marker = "<!-- f:protection.identities -->"
+    value = text.split(marker, 1)[1].split("<!-- /f -->", 1)[0]
+    readme.write_text(text.replace(f"{marker}{value}<!-- /f -->", f"{marker}{int(value) + 1}<!-- /f -->"))
     assert render_readme.main(["--check", "--root", str(repo)]) == 1
-    assert "41.8" in capsys.readouterr().out
+    assert f"{marker}{int(value) + 1}" in capsys.readouterr().out
     # a table cell too
-    readme.write_text(text.replace("| mobileface | 1.000 | 0.577 | 0.344 | **yes** |",
-                                   "| mobileface | 1.000 | 0.577 | 0.320 | **yes** |"))
+    line = next(x for x in text.splitlines() if x.startswith("| dlib-resnet | 1.000 |"))
+    readme.write_text(text.replace(line, line.replace("| 1.000 |", "| 0.999 |", 1)))
     assert render_readme.main(["--check", "--root", str(repo)]) == 1
 
 
 @pytest.mark.parametrize(("text", "message"), [
     ("x <!-- f:nope -->1<!-- /f -->\n", "unknown figure 'nope'"),
-    ("x <!-- f:example.psnr -->1\n", "without <!-- /f -->"),
-    ("<!-- f:example.psnr -->1<!-- /f -->\n", "starts with an inline figure marker"),
+    ("x <!-- f:protection.identities -->1\n", "without <!-- /f -->"),
+    ("<!-- f:protection.identities -->1<!-- /f -->\n", "starts with an inline figure marker"),
     ("<!-- results:example -->\n| a |\n", "not closed"),
     ("<!-- results:nope -->\n<!-- /results:nope -->\n", "unknown block"),
 ])
@@ -92,36 +92,30 @@ def test_structural_errors_are_reported(repo: Path, text: str, message: str, cap
 
 
 def test_controls_are_shown_when_measured_and_labelled_when_not(repo: Path) -> None:
-    results = render_readme.Results(repo)
-    table = render_readme.BLOCKS["protection"](results)
-    assert table.count("control: fluxguard, attack off (reconstruction only)") == 2
-    assert table.count(render_readme.NOT_MEASURED) == 4  # two PSR cells per mode
-    assert "| control: clean photo (unprotected) | dodge | 6 | 8.3 [0.9, 48.3] | 25.0 [6.0, 63.5] |" in table
-
-    def add_control(report: dict) -> None:
-        row = json.loads(json.dumps(_row(report, "fluxguard")))
-        row["row"], row["params"]["adam_steps"] = "fluxguard-noattack", 0
-        row["modes"]["dodge"]["mean"]["1e-2"] = 0.3
-        report["rows"].append(row)
-
-    _edit_json(repo / "benchmarks/results/protection.json", add_control)
     table = render_readme.BLOCKS["protection"](render_readme.Results(repo))
     assert render_readme.NOT_MEASURED not in table
+    assert table.count("control: fluxguard, attack off") == 2 and table.count("control: clean photo") == 2
     line = next(x for x in table.splitlines() if x.startswith("| control: fluxguard") and "| dodge |" in x)
-    assert "| 30.0 [" in line
-    assert "fluxguard-noattack" not in table  # a control is a control row, not a method row
+    assert "| bit-exact |" in line  # with the attack off, residual composition gives the photo back
+
+    def drop_control(report: dict) -> None:
+        report["rows"] = [r for r in report["rows"] if r["row"] != "fluxguard-noattack"]
+
+    _edit_json(repo / "benchmarks/results/protection.json", drop_control)
+    table = render_readme.BLOCKS["protection"](render_readme.Results(repo))
+    assert table.count(render_readme.NOT_MEASURED) == 4  # two PSR cells per mode
+    assert "fluxguard-noattack" not in table.replace("--rows fluxguard-noattack", "")  # a control row, not a method
 
 
 def test_a_claim_is_a_win_only_when_the_intervals_say_so(repo: Path) -> None:
-    text = render_readme.FIGURES["matched12.comparison"](render_readme.Results(repo))
-    assert text.endswith("every difference is within noise on 12 identities (the 95 % intervals overlap)")
+    text = render_readme.FIGURES["transfer.pgd_vs_fluxguard"](render_readme.Results(repo))
+    assert text.endswith(("(the 95 % intervals overlap)", "(the 95 % intervals do not overlap)",
+                          "the other differences are within noise"))
 
     def more_identities(report: dict) -> None:
-        for r in report["rows"]:
-            r["n_identities"] = 400
+        for r in report["rows"].values():
+            r["n_identities"] = 4000
 
-    _edit_json(repo / "benchmarks/results/protection_matched12.json", more_identities)
-    text = render_readme.FIGURES["matched12.comparison"](render_readme.Results(repo))
-    # at 400 identities three gaps are apart; impersonation @1e-1 (59.7 against 54.5) still is not
-    assert text.endswith(": Flux-Guard is ahead for dodging @1e-1, dodging @1e-2, impersonation @1e-2 (95 % intervals "
-                         "apart); the other differences are within noise")
+    _edit_json(repo / "benchmarks/results/transfer.json", more_identities)
+    text = render_readme.FIGURES["transfer.pgd_vs_fluxguard"](render_readme.Results(repo))
+    assert "ahead" in text and "every difference is within noise" not in text
