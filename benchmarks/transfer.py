@@ -41,20 +41,21 @@ FARS = ("1e-1", "1e-2")
 MODES = ("dodge", "impersonate")
 # name -> (method, strength, parameters, what the row shows)
 ROWS: dict[str, tuple[str, str, dict[str, Any], str]] = {
-    "pgd-low": ("pgd", "low", {}, "PGD (MI-FGSM + DI) at the low budget"),
-    "pgd": ("pgd", "medium", {}, "PGD (MI-FGSM + DI) at the medium budget, sign steps on R, G, B"),
-    "pgd-high": ("pgd", "high", {}, "PGD (MI-FGSM + DI) at the high budget (+ JPEG EOT)"),
-    "pgd-plain": ("pgd", "medium", {"momentum": 0.0, "diversity_prob": 0.0}, "plain PGD: no momentum, no DI"),
-    "pgd-luma": ("pgd", "medium", {"colour": "luma"}, "grey-level change only"),
-    "pgd-balanced": ("pgd", "medium", {"model_weighting": "balanced"}, "per-model gradient normalisation"),
-    "pgd-luma-balanced": ("pgd", "medium", {"colour": "luma", "model_weighting": "balanced"},
-                          "grey-level change + per-model gradient normalisation"),
-    "pgd-sparse": ("pgd", "medium", {"projection": "sparse", "colour": "luma", "step_size": 4 / 255},
+    "pgd-low": ("pgd", "low", {}, "PGD at the low budget"),
+    "pgd": ("pgd", "medium", {}, "PGD (MI-FGSM + DI, grey-level steps), the default, at the medium budget"),
+    "pgd-high": ("pgd", "high", {}, "PGD at the high budget (+ JPEG EOT)"),
+    # levers, each against pgd-rgb (they were measured before grey-level steps became the default)
+    "pgd-rgb": ("pgd", "medium", {"colour": "rgb"}, "sign steps on R, G and B separately"),
+    "pgd-plain": ("pgd", "medium", {"colour": "rgb", "momentum": 0.0, "diversity_prob": 0.0},
+                  "R, G, B; plain PGD: no momentum, no input diversity"),
+    "pgd-balanced": ("pgd", "medium", {"colour": "rgb", "model_weighting": "balanced"},
+                     "R, G, B; per-model gradient normalisation"),
+    "pgd-eot": ("pgd", "medium", {"colour": "rgb", "eot": ["jpeg"]}, "R, G, B; expectation over JPEG"),
+    "pgd-centroid": ("pgd", "medium", {"colour": "rgb", "target_views": 8, "source_weight": 0.5},
+                     "R, G, B; impersonation towards the target's centroid over 8 views, away from the source"),
+    "pgd-sparse": ("pgd", "medium", {"projection": "sparse", "step_size": 4 / 255},
                    "the colour-difference budget as an L1 ball (sparse change)"),
     "pgd-ti": ("pgd", "medium", {"ti_kernel": 5}, "translation-invariant gradients (5 px)"),
-    "pgd-eot": ("pgd", "medium", {"eot": ["jpeg"]}, "expectation over JPEG"),
-    "pgd-centroid": ("pgd", "medium", {"target_views": 8, "source_weight": 0.5},
-                     "impersonation: towards the target's centroid over 8 views, away from the source"),
     "fluxguard-low": ("fluxguard", "low", {}, "Flux-Guard on the lite models, low budget"),
     "fluxguard": ("fluxguard", "medium", {}, "Flux-Guard on the lite models, medium budget"),
     "fluxguard-high": ("fluxguard", "high", {}, "Flux-Guard on the lite models, high budget"),
@@ -64,8 +65,16 @@ ROWS: dict[str, tuple[str, str, dict[str, Any], str]] = {
 }
 
 
-def row_key(method: str, strength: str, params: dict[str, Any], models: list[str]) -> str:
-    return hashlib.sha1(json.dumps([method, strength, params, models], sort_keys=True).encode()).hexdigest()[:12]
+def row_folder(work: Path, method: str, strength: str, params: dict[str, Any], models: list[str]) -> Path:
+    """The cache folder of a row: keyed by every parameter the method resolves (defaults included, the seed of the
+    run aside), so rows that end up with the same settings share their photos and a changed default never reuses
+    stale ones."""
+    from fluxguard.api import Protector
+
+    resolved = Protector(method, fr_models=models, judges=[], strength=strength, **params).params()
+    resolved = {k: v for k, v in resolved.items() if k not in ("mode", "strength")}
+    key = hashlib.sha1(json.dumps([method, resolved, models], sort_keys=True, default=str).encode()).hexdigest()
+    return work / f"{method}-{key[:12]}"
 
 
 def social(rgb: np.ndarray) -> tuple[np.ndarray, float]:
@@ -144,8 +153,7 @@ def main() -> None:
     rows_out: dict[str, Any] = dict(old.get("rows", {}))
     for name in args.rows.split(","):
         method, strength, params, what = ROWS[name]
-        key = row_key(method, strength, params, zoo)
-        folder = args.work / f"{name}-{key}"
+        folder = row_folder(args.work, method, strength, params, zoo)
         folder.mkdir(parents=True, exist_ok=True)
         prot = None
         per_mode: dict[str, Any] = {}
@@ -248,7 +256,7 @@ def write_sheet(args: argparse.Namespace, row: dict[str, Any]) -> None:
         return detect_cached(p, image=img.rgb), img.rgb.shape[:2]
 
     name = args.sheet_row
-    folder = args.work / f"{name}-{row_key(row['method'], row['strength'], row['params'], shipped_models())}"
+    folder = row_folder(args.work, row["method"], row["strength"], row["params"], shipped_models())
     sheet = []
     for s in find_subjects(data, 8, file_faces, []):
         png, meta = folder / f"dodge-{s.identity}.png", folder / f"dodge-{s.identity}.json"
