@@ -28,12 +28,15 @@ sys.path.insert(0, str(ROOT / "src"))
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--method", default=None, help="default: fluxguard.api.DEFAULT_METHOD")
+    ap.add_argument("--method", default=None, help="default: fluxguard.defaults.DEFAULT_METHOD")
     ap.add_argument("--strength", default="medium")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "images")
     ap.add_argument("--web", action="store_true", help="also a screenshot of the web UI")
     args = ap.parse_args()
+    from fluxguard.defaults import DEFAULT_METHOD
+
+    args.method = args.method or DEFAULT_METHOD
     if args.web:
         web_screenshot(args)
 
@@ -41,9 +44,7 @@ def main() -> None:
     from skimage import data
 
     import fluxguard
-    from fluxguard.api import DEFAULT_METHOD
 
-    args.method = args.method or DEFAULT_METHOD
     torch.set_num_threads(1)
     rgb = data.astronaut()
     t0 = time.perf_counter()
