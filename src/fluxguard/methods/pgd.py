@@ -26,7 +26,7 @@ from PIL import Image
 from fluxguard.errors import ConfigError
 from fluxguard.faces.align import portrait_template
 from fluxguard.losses.identity import IdentityLoss
-from fluxguard.losses.visibility import delta_e_cost, project_sparse, shape_residual
+from fluxguard.losses.visibility import bound_residual, delta_e_cost, project_sparse, remove_colour_cast
 from fluxguard.methods.base import MethodResult, Mode, ProgressFn, ProtectionMethod
 from fluxguard.recognition.base import FaceRecognizer
 
@@ -218,7 +218,9 @@ class PGD(ProtectionMethod):
                  sparse: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Into the budget: per-pixel bound, no colour cast (mean change 0 over the mask), inside [0, 1]; with
         ``sparse`` = (cost, total) also the mean-CIEDE2000 ball."""
-        d = shape_residual(delta.detach(), mask, bound)
+        # delta is already the masked change: bound it (the bound is 0 outside the mask and tapers with it) and
+        # remove its mean, without multiplying by the mask again (that would shrink it at every step in the taper)
+        d = remove_colour_cast(bound_residual(delta.detach(), bound), mask)
         if sparse is not None:
             d = project_sparse(d, sparse[0], bound, sparse[1])
         d = torch.maximum(torch.minimum(d, bound), -bound)  # the cast removal may step over the bound by a hair
