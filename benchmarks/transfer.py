@@ -61,6 +61,10 @@ ROWS: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "fluxguard-high": ("fluxguard", "high", {}, "Flux-Guard on the lite models, high budget"),
     "fluxguard-long": ("fluxguard", "medium", {"attack_start": 6, "adam_steps": 12},
                        "Flux-Guard, 4 attacked steps x 12 Adam iterations (48, against 20)"),
+    "fluxguard-gain": ("fluxguard", "medium", {"change_gain": 3.0},
+                       "Flux-Guard, the regenerated change x3 before it is shaped into the budget"),
+    "fluxguard-full": ("fluxguard", "medium", {"change_gain": 3.0, "jnd_midpoint": 1.0},
+                       "Flux-Guard, change x3 and the identity weight halved only at the full budget"),
     "wdp": ("wdp", "medium", {}, "WDP on the lite models, medium budget"),
 }
 

@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 
 from fluxguard.cli import app
 from fluxguard.data import package_faces
+from fluxguard.defaults import DEFAULT_METHOD
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = os.environ.get("FLUXGUARD_EXAMPLES", "fast") != "full"
@@ -137,7 +138,7 @@ def prepare(cmd: list[str], d: Path) -> None:
 def cheap(cmd: list[str]) -> list[str]:
     if not FAST or cmd[0] != "protect" or "--param" in cmd or "-p" in cmd:
         return cmd
-    method = cmd[cmd.index("--method") + 1] if "--method" in cmd else "fluxguard"
+    method = cmd[cmd.index("--method") + 1] if "--method" in cmd else DEFAULT_METHOD
     return [*cmd, *CHEAP.get(method, [])]
 
 

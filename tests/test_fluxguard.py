@@ -290,6 +290,8 @@ def test_text_encoder_free_model(lite_dir, face):
 def test_bad_inputs(backend, face):
     with pytest.raises(ConfigError, match="fusion_index"):
         FluxGuardConfig(fusion_index="nope").validate()
+    with pytest.raises(ConfigError, match="change_gain"):
+        FluxGuardConfig(change_gain=0).validate()
     with pytest.raises(ValueError, match="multiple of 16"):
         make(backend).protect_faces(torch.rand(1, 3, 60, 60))
     with pytest.raises(ConfigError, match="names no facial region"):

@@ -60,6 +60,7 @@ def test_no_colour_cast_and_budget_caps(astronaut: np.ndarray, method: str, pgd_
 
 
 @pytest.mark.parametrize(("method", "off"), [("fluxguard", {"adam_steps": 0}),
+                                             ("fluxguard", {"adam_steps": 0, "change_gain": 3.0}),
                                              ("wdp", {"prot_steps": 0, "null_optimization_steps": 1})])
 def test_without_the_adversarial_stage_the_output_is_the_input(astronaut: np.ndarray, method: str, off: dict) -> None:
     res = fluxguard.protect(astronaut, method=method, fr_models=MODELS, judges=[], **off)

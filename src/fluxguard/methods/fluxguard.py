@@ -111,6 +111,9 @@ class FluxGuardConfig:
     # vgg_weights is given, else "jnd"
     perceptual: str | None = None
     jnd_midpoint: float = 0.5  # "jnd": budget usage (mean of (change / bound)^2 over the mask) where w_id halves
+    # the regenerated change is multiplied by this before it is shaped into the budget (1: as generated); the
+    # generator's change is smooth and small, so a gain lets it fill the per-pixel bound as pixel noise does
+    change_gain: float = 1.0
     vgg_weights: str | None = None  # torchvision VGG19 IMAGENET1K_V1 state dict -> the paper's L_p
     ssim_tau: float = 0.05  # "ssim": SSIM distance where w_id halves (see fluxguard.losses.perceptual)
     # resources
@@ -148,6 +151,8 @@ class FluxGuardConfig:
             raise ConfigError(f"perceptual must be jnd, vgg or ssim, got {self.perceptual!r}")
         if self.perceptual == "vgg" and not self.vgg_weights:
             raise ConfigError("perceptual='vgg' needs vgg_weights (torchvision's VGG19 IMAGENET1K_V1 state dict)")
+        if self.change_gain <= 0:
+            raise ConfigError("change_gain must be > 0")
         if not 0 < self.jnd_midpoint <= 1:
             raise ConfigError("jnd_midpoint must be in (0, 1]")
 
@@ -376,7 +381,8 @@ class FluxGuard(ProtectionMethod):
             with torch.no_grad():
                 base, x_clean = self._base(face, zc, zr, size)
                 adv = backend.decode(za, size, size)
-                out.append((base + shape_residual(adv - x_clean, m, face.bound, soft=True)).clamp(0, 1).cpu())
+                change = shape_residual(self.config.change_gain * (adv - x_clean), m, face.bound, soft=True)
+                out.append((base + change).clamp(0, 1).cpu())
                 clean.append(base.cpu())
                 regenerated.append(x_clean.cpu())
                 used.append(m.cpu())
@@ -519,7 +525,7 @@ class FluxGuard(ProtectionMethod):
         z = z0.detach().float().clone().requires_grad_(True)
         opt = torch.optim.Adam([z], lr=c.adam_lr)
         for it in range(c.adam_steps):
-            change = shape_residual(b.decode(z, size, size) - x_clean, face.m, face.bound, soft=True)
+            change = shape_residual(c.change_gain * (b.decode(z, size, size) - x_clean), face.m, face.bound, soft=True)
             x = (base + change).clamp(0, 1)
             lid = idloss(x).mean()
             if perc is None:
