@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -44,7 +45,12 @@ ROWS: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "pgd-low": ("pgd", "low", {}, "PGD at the low budget"),
     "pgd": ("pgd", "medium", {}, "PGD (MI-FGSM + DI, grey-level steps), the default, at the medium budget"),
     "pgd-high": ("pgd", "high", {}, "PGD at the high budget (+ JPEG EOT)"),
-    # levers, each against pgd-rgb (they were measured before grey-level steps became the default)
+    "fluxguard-low": ("fluxguard", "low", {}, "Flux-Guard on the lite models, low budget"),
+    "fluxguard": ("fluxguard", "medium", {}, "Flux-Guard on the lite models, medium budget"),
+    "fluxguard-high": ("fluxguard", "high", {}, "Flux-Guard on the lite models, high budget"),
+    "wdp": ("wdp", "medium", {}, "WDP on the lite models, medium budget"),
+    # levers, each against its reference row: pgd-rgb for the R, G, B rows (measured before grey-level steps became
+    # the default), pgd for pgd-sparse and pgd-ti, fluxguard for the fluxguard-* rows
     "pgd-rgb": ("pgd", "medium", {"colour": "rgb"}, "sign steps on R, G and B separately"),
     "pgd-plain": ("pgd", "medium", {"colour": "rgb", "momentum": 0.0, "diversity_prob": 0.0},
                   "R, G, B; plain PGD: no momentum, no input diversity"),
@@ -56,16 +62,12 @@ ROWS: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "pgd-sparse": ("pgd", "medium", {"projection": "sparse", "step_size": 4 / 255},
                    "the colour-difference budget as an L1 ball (sparse change)"),
     "pgd-ti": ("pgd", "medium", {"ti_kernel": 5}, "translation-invariant gradients (5 px)"),
-    "fluxguard-low": ("fluxguard", "low", {}, "Flux-Guard on the lite models, low budget"),
-    "fluxguard": ("fluxguard", "medium", {}, "Flux-Guard on the lite models, medium budget"),
-    "fluxguard-high": ("fluxguard", "high", {}, "Flux-Guard on the lite models, high budget"),
     "fluxguard-long": ("fluxguard", "medium", {"attack_start": 6, "adam_steps": 12},
                        "Flux-Guard, 4 attacked steps x 12 Adam iterations (48, against 20)"),
     "fluxguard-gain": ("fluxguard", "medium", {"change_gain": 3.0},
                        "Flux-Guard, the regenerated change x3 before it is shaped into the budget"),
     "fluxguard-full": ("fluxguard", "medium", {"change_gain": 3.0, "jnd_midpoint": 1.0},
                        "Flux-Guard, change x3 and the identity weight halved only at the full budget"),
-    "wdp": ("wdp", "medium", {}, "WDP on the lite models, medium budget"),
 }
 
 
@@ -233,7 +235,13 @@ def merge(args: argparse.Namespace) -> None:
             report = {**part, "rows": {}}
             report["protocol"] = {k: v for k, v in part["protocol"].items() if k not in ("n_identities",
                                                                                       "identities")}
+        for row in part["rows"].values():  # the command that makes the row, wherever the parallel run wrote it
+            row["command"] = re.sub(r" --(name|out) \S+", "", row["command"])
         report["rows"].update(part["rows"])
+    # final rows first (each method at each budget), then the levers, in the order of ROWS
+    order = {name: i for i, name in enumerate(ROWS)}
+    report["rows"] = dict(sorted(report["rows"].items(), key=lambda kv: order.get(kv[0], len(order))))
+    report["created"] = max(json.loads(p.read_text())["created"] for p in args.merge)
     report["command"] = "python benchmarks/transfer.py --merge " + " ".join(str(p) for p in args.merge)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
@@ -309,15 +317,21 @@ def markdown(report: dict[str, Any]) -> str:
     p = report["protocol"]
     ns = sorted({r["n_identities"] for r in report["rows"].values()})
     commands = list(dict.fromkeys(r["command"] for r in report["rows"].values()))
+    if len(commands) > 1:  # rows run apart (in parallel, or added later): one command that redoes them all
+        commands = [f"python benchmarks/transfer.py --rows {','.join(report['rows'])} --limit {max(ns)}"]
     lines = [
         "# Transfer at the visibility budget", "",
-        *[f"`{c}`" for c in commands], "",
+        *[f"`{c}`" for c in commands],
+        *(["(rows were run apart, each with the command its JSON entry names; the protected photos are cached, so "
+           "a rerun of these rows only judges)"] if len({r["command"] for r in report["rows"].values()}) > 1
+          else []), "",
         f"({report['created']}, {report['environment']['threads']} torch thread). "
         f"{' or '.join(map(str, ns))} eval-split identities (the first of the protocol order; per row below), both "
         f"modes; attack: {', '.join(p['attack_models'])}; "
         f"judges never attacked: {', '.join(p['judges'])}. PSR = mean over judges, [Wilson 95 % interval over "
         "identities]; clean = the unprotected photo scored the same way; social = after resize to 1080 px + JPEG 75 "
         "(kept = social / PSR). Visibility on the saved photo over the face mask.", "",
+        *[f"- {n}" for n in report.get("notes", [])], *([""] if report.get("notes") else []),
     ]
     for mode in MODES:
         if not any(mode in r["modes"] for r in report["rows"].values()):

@@ -72,10 +72,21 @@ def test_attack_off_controls_are_rows_whose_attack_stage_is_zero() -> None:
 
 def test_markdown_shows_controls_intervals_and_whose_note_it_is() -> None:
     report = json.loads((ROOT / "benchmarks/results/protection.json").read_text())
+    measured = [r for r in report["rows"] if "modes" in r]
+    # the shipped table: every row's mean PSR @1e-2 with its Wilson interval, and the clean control per mode
     md = protection.markdown(report)
-    assert "| fluxguard-noattack (control: attack off) | dodge | not measured in this file |" in md
-    assert "| pgd | dodge | 100.0 | 16.7 | 66.7 | 66.7 | 100.0 | 37.5 | 36.1 (8.3) | 64.6 (25.0) | 81.2 (27.8) | " \
-           "64.6 [28.5, 89.3] |" in md
-    # the purification note came from the PGD runs; the Flux-Guard rows have a purification table
-    note = next(line for line in md.splitlines() if "purification check not run" in line)
-    assert note.startswith("- pgd, pgd-plain, pgd-matched: purification check not run")
+    for r in measured:
+        for mode, m in r["modes"].items():
+            lo, hi = m["mean_ci95"]["1e-2"]
+            assert f"| {r['row']} | {mode} |" in md
+            assert f"{100 * m['mean']['1e-2']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]" in md
+    assert md.count("| clean (unprotected) | dodge |") >= 1
+    # a generator row without its attack-off control says so instead of leaving the control out
+    without = dict(report, rows=[r for r in measured if r["row"] != "fluxguard-noattack"])
+    assert "| fluxguard-noattack (control: attack off) | dodge | not measured in this file |" in \
+        protection.markdown(without)
+    # a run's note is printed once, naming the rows of that run only
+    planted = dict(report, rows=[dict(r, notes=["purification check not run"]) if r["row"] == "pgd" else
+                                 dict(r, notes=[]) for r in measured])
+    note = next(line for line in protection.markdown(planted).splitlines() if "purification check not run" in line)
+    assert note == "- pgd: purification check not run"
