@@ -64,6 +64,8 @@ def test_pgd_rejects_bad_parameters(tiny_recognizers) -> None:
         METHODS["pgd"](tiny_recognizers, epsilon=0.1)
     with pytest.raises(ConfigError, match="eot"):
         METHODS["pgd"](tiny_recognizers, eot=("blur",))
+    with pytest.raises(ConfigError, match="model_dropout"):
+        METHODS["pgd"](tiny_recognizers, model_dropout=1.0)
     with pytest.raises(ConfigError, match="target"):
         METHODS["pgd"](tiny_recognizers, mode="impersonate").protect_faces(_crops())
 

@@ -112,3 +112,29 @@ def test_dlib_dat_parser_matches_shipped_weights() -> None:
     with torch.no_grad():
         cos = (exact(face.image, face.landmarks) * shipped(face.image, face.landmarks)).sum()
     assert float(cos) > 0.99999
+
+
+def test_model_augmentation_thins_each_model_by_its_calibrated_rate_only_inside_the_block(models: dict) -> None:
+    from fluxguard.recognition.augment import calibrate_dropout, model_augmentation
+
+    face = package_faces()[0]
+    rates = {}
+    for name, m in models.items():
+        with torch.no_grad():
+            plain = m(face.image, face.landmarks)
+            rates[name] = p = calibrate_dropout(m, face.image, face.landmarks, similarity=0.9)
+            cos = []
+            for seed in range(4):
+                with model_augmentation(p, torch.Generator().manual_seed(seed)):
+                    cos.append(float((m(face.image, face.landmarks) * plain).sum()))
+            with model_augmentation(p, torch.Generator().manual_seed(0)):
+                again = float((m(face.image, face.landmarks) * plain).sum())
+            after = m(face.image, face.landmarks)
+        torch.testing.assert_close(after, plain, rtol=0, atol=0)  # no state leaks out of the block
+        assert again == cos[0], name  # same seed, same masks
+        assert 0.8 < sum(cos) / len(cos) < 0.97, (name, p, cos)  # a thinned copy, still near its model
+    # the point of calibrating: one rate does not fit every architecture
+    assert max(rates.values()) > 3 * min(rates.values()), rates
+    with pytest.raises(ValueError, match="dropout"):
+        with model_augmentation(1.0, torch.Generator()):
+            pass

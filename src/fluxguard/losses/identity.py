@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fluxguard.faces.align import portrait_template
+from fluxguard.recognition.augment import model_augmentation
 from fluxguard.recognition.base import FaceRecognizer
 
 
@@ -79,6 +80,7 @@ class IdentityLoss(nn.Module):
                             if target is not None and source_weight > 0 else None)
         self.impersonate = target is not None
         self.source_weight = float(source_weight)
+        self.augmentation: tuple[list[float], torch.Generator] | None = None
 
     def embeddings(self, images: torch.Tensor, landmarks: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Per model, the (B, D) unit embeddings of ``images``.
@@ -89,7 +91,19 @@ class IdentityLoss(nn.Module):
             if int(images.shape[-1]) != self.size:
                 raise ValueError(f"expected {self.size}px crops, got {tuple(images.shape)}")
             landmarks = self.landmarks
-        return [r(images, landmarks) for r in self.recognizers]
+        if self.augmentation is None:
+            return [r(images, landmarks) for r in self.recognizers]
+        rates, gen = self.augmentation
+        out = []
+        for r, p in zip(self.recognizers, rates, strict=True):
+            with model_augmentation(p, gen):
+                out.append(r(images, landmarks))
+        return out
+
+    def augment_models(self, rates: Sequence[float] | None, generator: torch.Generator | None = None) -> None:
+        """From now on, evaluate each model as a randomly thinned copy (dropout rate ``rates[m]`` on its rectified
+        feature maps, masks from ``generator``); ``None``: the models themselves (the default)."""
+        self.augmentation = None if rates is None else (list(rates), generator or torch.Generator().manual_seed(0))
 
     def cosines(self, embeddings: Sequence[torch.Tensor]) -> torch.Tensor:
         """(M, B) cosine of precomputed embeddings to the reference identity (target, else source)."""

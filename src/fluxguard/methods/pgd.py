@@ -7,7 +7,8 @@ TIP-IM-style 8/255 of earlier versions). Input range [0, 1].
 With ``momentum=0, diversity_prob=0`` it is plain PGD (Madry et al. 2018); the defaults are MI-FGSM
 (Dong et al. 2018, arXiv 1710.06081) with input diversity (Xie et al. 2019, arXiv 1803.06978), which is what
 transfers to FR models that were not attacked. ``eot`` adds expectation over JPEG / resize (straight-through
-gradients), so the change survives what social networks do to photos.
+gradients), so the change survives what social networks do to photos. ``model_dropout`` thins the surrogates
+at random at every step (model augmentation, DFANet: Zhong & Deng 2020, arXiv 2004.05790).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from fluxguard.faces.align import portrait_template
 from fluxguard.losses.identity import IdentityLoss
 from fluxguard.losses.visibility import bound_residual, delta_e_cost, project_sparse, remove_colour_cast
 from fluxguard.methods.base import MethodResult, Mode, ProgressFn, ProtectionMethod
+from fluxguard.recognition.augment import calibrate_dropout
 from fluxguard.recognition.base import FaceRecognizer
 
 
@@ -56,6 +58,11 @@ class PGDConfig:
     target_views: int = 1
     source_weight: float = 0.0
     crop_size: int | None = None  # None: each face at its own resolution in the photo (no resampling loss)
+    # model augmentation (DFANet): at each step every surrogate is a randomly thinned copy (dropout on the feature
+    # maps its layers read), so the change cannot lean on a few units of one model. 0 = off; else the share of each
+    # model's matching margin (1 - its FAR 1e-2 threshold) a thinned copy may use up on the clean face, which sets
+    # that model's dropout rate (calibrated per face: the models' sensitivities differ by an order of magnitude)
+    model_dropout: float = 0.0
 
     def validate(self) -> None:
         if self.eps is not None and not 0 < self.eps <= 1:
@@ -64,6 +71,8 @@ class PGDConfig:
             raise ConfigError("steps must be >= 1 and step_size > 0")
         if not 0 <= self.diversity_prob <= 1:
             raise ConfigError("diversity_prob must be in [0, 1]")
+        if not 0 <= self.model_dropout < 1:
+            raise ConfigError(f"model_dropout must be 0 (off) or a share in (0, 1), got {self.model_dropout}")
         if self.target_views < 1 or self.source_weight < 0:
             raise ConfigError("target_views must be >= 1 and source_weight >= 0")
         if self.model_weighting not in ("mean", "balanced"):
@@ -89,6 +98,14 @@ def _jpeg_roundtrip(x: torch.Tensor, quality: int) -> torch.Tensor:
         dec = np.asarray(Image.open(buf).convert("RGB"), dtype=np.float32) / 255
         out.append(torch.from_numpy(dec).permute(2, 0, 1))
     return torch.stack(out).to(x)
+
+
+def _threshold(model: FaceRecognizer) -> float:
+    """The model's FAR 1e-2 threshold, 0 for one that has none (e.g. an uncalibrated test model)."""
+    try:
+        return float(model.threshold("1e-2"))
+    except KeyError:
+        return 0.0
 
 
 def _gaussian_kernel(size: int, device: torch.device) -> torch.Tensor:
@@ -168,6 +185,10 @@ class PGD(ProtectionMethod):
             bound = bound.clamp(max=cfg.eps)
         loss_fn = IdentityLoss(self.recognizers, x0, target, target_views=cfg.target_views,
                                source_weight=cfg.source_weight)
+        if cfg.model_dropout > 0:
+            lm0 = loss_fn.landmarks.to(torch.float64)
+            loss_fn.augment_models([calibrate_dropout(r, x0, lm0, 1 - cfg.model_dropout * (1 - _threshold(r)))
+                                    for r in self.recognizers], gen)
         sparse = None
         if cfg.projection == "sparse":
             cost = delta_e_cost(x0) * m

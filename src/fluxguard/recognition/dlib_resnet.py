@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fluxguard.errors import FluxguardError
+from fluxguard.recognition.augment import feature_dropout
 from fluxguard.recognition.base import CropSpec, FaceRecognizer, RecognizerSpec
 
 # (channels, first block of its stage downsamples) for the 14 residual blocks, input to output.
@@ -152,9 +153,10 @@ class _Block(nn.Module):
         self.down = down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.b(F.relu(self.a(x)))
+        # rectified feature maps take the attack's model augmentation (the identity otherwise)
+        y = self.b(feature_dropout(F.relu(self.a(x))))
         skip = F.avg_pool2d(x, 2, 2) if self.down else x
-        return F.relu(_add_prev(y, skip))
+        return feature_dropout(F.relu(_add_prev(y, skip)))
 
 
 def _add_prev(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -183,7 +185,7 @@ class DlibResNet29(nn.Module):
         self.fc = nn.Linear(256, 128, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.stem(x)), 3, 2)
+        x = F.max_pool2d(feature_dropout(F.relu(self.stem(x))), 3, 2)
         for b in self.blocks:
             x = b(x)
         return self.fc(x.mean((2, 3)))

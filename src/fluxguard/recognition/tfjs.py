@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fluxguard.recognition.augment import feature_dropout
+
 _TF_DTYPES = {
     "float32": np.float32,
     "int32": np.int32,
@@ -176,7 +178,15 @@ def _fused_tail(x: torch.Tensor, extra: list[Any], attrs: dict) -> torch.Tensor:
     return x
 
 
+def _dropout_features(x: torch.Tensor) -> torch.Tensor:
+    """A convolution's input feature map through the attack's model augmentation (the identity outside it):
+    dropping units where a layer reads them works whatever the graph's activations are decomposed into. The image
+    (3 channels) is left alone."""
+    return x if x.shape[-1] == 3 else feature_dropout(x)
+
+
 def _conv2d(x: torch.Tensor, w: torch.Tensor, attrs: dict) -> torch.Tensor:
+    x = _dropout_features(x)
     kh, kw = int(w.shape[0]), int(w.shape[1])
     pads = _spatial_pads(attrs, x.shape[1], x.shape[2], kh, kw)
     xc = F.pad(_nchw(x), pads) if any(pads) else _nchw(x)
@@ -186,6 +196,7 @@ def _conv2d(x: torch.Tensor, w: torch.Tensor, attrs: dict) -> torch.Tensor:
 
 
 def _depthwise(x: torch.Tensor, w: torch.Tensor, attrs: dict) -> torch.Tensor:
+    x = _dropout_features(x)
     kh, kw, c, m = (int(v) for v in w.shape)
     pads = _spatial_pads(attrs, x.shape[1], x.shape[2], kh, kw)
     xc = F.pad(_nchw(x), pads) if any(pads) else _nchw(x)
