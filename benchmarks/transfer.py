@@ -50,7 +50,7 @@ ROWS: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "fluxguard-high": ("fluxguard", "high", {}, "Flux-Guard on the lite models, high budget"),
     "wdp": ("wdp", "medium", {}, "WDP on the lite models, medium budget"),
     # levers, each against its reference row: pgd-rgb for the R, G, B rows (measured before grey-level steps became
-    # the default), pgd for pgd-sparse, pgd-ti and pgd-dropout, fluxguard for the fluxguard-* rows
+    # the default), pgd for pgd-sparse, pgd-ti, pgd-dropout and pgd-spectrum, fluxguard for the fluxguard-* rows
     "pgd-rgb": ("pgd", "medium", {"colour": "rgb"}, "sign steps on R, G and B separately"),
     "pgd-plain": ("pgd", "medium", {"colour": "rgb", "momentum": 0.0, "diversity_prob": 0.0},
                   "R, G, B; plain PGD: no momentum, no input diversity"),
@@ -65,6 +65,8 @@ ROWS: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "pgd-dropout": ("pgd", "medium", {"model_dropout": 0.3},
                     "model augmentation: each surrogate thinned by dropout at every step, by a rate that uses 30 % of "
                     "its matching margin on the clean face"),
+    "pgd-spectrum": ("pgd", "medium", {"spectrum_rho": 0.5},
+                     "spectrum augmentation (SSA): noise at the bound and every frequency scaled by U(0.5, 1.5)"),
     "fluxguard-long": ("fluxguard", "medium", {"attack_start": 6, "adam_steps": 12},
                        "Flux-Guard, 4 attacked steps x 12 Adam iterations (48, against 20)"),
     "fluxguard-gain": ("fluxguard", "medium", {"change_gain": 3.0},

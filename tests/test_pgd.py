@@ -83,3 +83,18 @@ def test_impersonation_centroid_and_away_from_source(tiny_recognizers) -> None:
     res = METHODS["pgd"](tiny_recognizers, mode=Mode.IMPERSONATE, steps=10, crop_size=64, target_views=4,
                          source_weight=0.5).protect_faces(x, target=tgt)
     assert float(views(res.crops)) < float(views(x))
+
+
+def test_pgd_transfer_augmentations_keep_the_budget_and_the_seed(tiny_recognizers) -> None:
+    m = METHODS["pgd"](tiny_recognizers, steps=10, crop_size=64, budget="high", colour="rgb", spectrum_rho=0.5,
+                       model_dropout=0.3)
+    x = _crops()
+    ones = torch.ones_like(x[:, :1])
+    a = m.protect_faces(x, masks=ones, generator=torch.Generator().manual_seed(2)).crops
+    b = m.protect_faces(x, masks=ones, generator=torch.Generator().manual_seed(2)).crops
+    assert torch.equal(a, b)
+    assert ((a - x).abs() <= m.change_bound(x, ones) + 1e-6).all()
+    loss = IdentityLoss(tiny_recognizers, x)
+    assert float(loss(a).mean()) < float(loss(x).mean())
+    with pytest.raises(ConfigError, match="spectrum_rho"):
+        METHODS["pgd"](tiny_recognizers, spectrum_rho=1.0)

@@ -8,7 +8,8 @@ With ``momentum=0, diversity_prob=0`` it is plain PGD (Madry et al. 2018); the d
 (Dong et al. 2018, arXiv 1710.06081) with input diversity (Xie et al. 2019, arXiv 1803.06978), which is what
 transfers to FR models that were not attacked. ``eot`` adds expectation over JPEG / resize (straight-through
 gradients), so the change survives what social networks do to photos. ``model_dropout`` thins the surrogates
-at random at every step (model augmentation, DFANet: Zhong & Deng 2020, arXiv 2004.05790).
+at random at every step (model augmentation, DFANet: Zhong & Deng 2020, arXiv 2004.05790); ``spectrum_rho``
+augments each step in the frequency domain (SSA, arXiv 2207.05382).
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ class PGDConfig:
     # model's matching margin (1 - its FAR 1e-2 threshold) a thinned copy may use up on the clean face, which sets
     # that model's dropout rate (calibrated per face: the models' sensitivities differ by an order of magnitude)
     model_dropout: float = 0.0
+    # spectrum augmentation (SSA, Long et al. 2022, arXiv 2207.05382, with the Fourier transform for the DCT): each
+    # step sees the face plus Gaussian noise at the per-pixel bound, every frequency scaled by U(1-rho, 1+rho); 0 = off
+    spectrum_rho: float = 0.0
 
     def validate(self) -> None:
         if self.eps is not None and not 0 < self.eps <= 1:
@@ -71,6 +75,8 @@ class PGDConfig:
             raise ConfigError("steps must be >= 1 and step_size > 0")
         if not 0 <= self.diversity_prob <= 1:
             raise ConfigError("diversity_prob must be in [0, 1]")
+        if not 0 <= self.spectrum_rho < 1:
+            raise ConfigError(f"spectrum_rho must be in [0, 1), got {self.spectrum_rho}")
         if not 0 <= self.model_dropout < 1:
             raise ConfigError(f"model_dropout must be 0 (off) or a share in (0, 1), got {self.model_dropout}")
         if self.target_views < 1 or self.source_weight < 0:
@@ -154,6 +160,16 @@ class PGD(ProtectionMethod):
                               size=(s, s), mode="bilinear", align_corners=False)
         return x, lm
 
+    def _spectrum(self, x: torch.Tensor, bound: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """SSA's spectrum transform: noise at the bound, then each frequency of each channel scaled at random."""
+        rho = self.config.spectrum_rho
+        if rho <= 0:
+            return x
+        noise = torch.randn(x.shape, generator=gen).to(x) * bound
+        spec = torch.fft.rfft2(x + noise)
+        scale = (1 + rho * (torch.rand(spec.shape, generator=gen) * 2 - 1)).to(x)
+        return torch.fft.irfft2(spec * scale, s=x.shape[-2:])
+
     def _eot(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         for t in self.config.eot:
             if t == "jpeg":
@@ -203,7 +219,7 @@ class PGD(ProtectionMethod):
         for step in range(cfg.steps):
             delta = self._project(x0, delta, m, bound, sparse).requires_grad_(True)
             x = x0 + delta
-            x_in, lm = self._diverse(self._eot(x, gen), gen)
+            x_in, lm = self._diverse(self._spectrum(self._eot(x, gen), bound, gen), gen)
             if cfg.model_weighting == "balanced":
                 terms = loss_fn.per_model(x_in, lm).sum(1)  # (M,)
                 grad = torch.zeros_like(delta)
