@@ -101,8 +101,8 @@ class IdentityLoss(nn.Module):
         return out
 
     def augment_models(self, rates: Sequence[float] | None, generator: torch.Generator | None = None) -> None:
-        """From now on, evaluate each model as a randomly thinned copy (dropout rate ``rates[m]`` on its rectified
-        feature maps, masks from ``generator``); ``None``: the models themselves (the default)."""
+        """From now on, evaluate each model as a randomly thinned copy (dropout rate ``rates[m]`` on the feature maps
+        its convolutions read, masks from ``generator``); ``None``: the models themselves (the default)."""
         self.augmentation = None if rates is None else (list(rates), generator or torch.Generator().manual_seed(0))
 
     def cosines(self, embeddings: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -51,9 +51,9 @@ def calibrate_dropout(model: torch.nn.Module, images: torch.Tensor, landmarks: t
     """The dropout rate at which ``model``'s thinned copies keep a mean cosine of ``similarity`` to the model itself
     on ``images``.
 
-    Architectures differ by orders of magnitude in how much one rate thins them (a ResNet shrugs off 5 %, a network
-    with normalisation after its rectifiers loses the identity at 1 %), so an attack sets how far each thinned copy
-    may drift and each model gets the rate that gives it: bisection on log p over [1e-4, 0.5].
+    Architectures differ by an order of magnitude in how much one rate thins them (on a package face, dlib's ResNet
+    keeps a cosine of 0.9 at about 8 %, the TF.js models of the zoo at under 1 %), so an attack sets how far each
+    thinned copy may drift and each model gets the rate that gives it: bisection on log p over [1e-4, 0.5].
     """
     if not 0 < similarity < 1:
         raise ValueError(f"similarity must be in (0, 1), got {similarity}")
