@@ -322,8 +322,10 @@ def markdown(report: dict[str, Any]) -> str:
     p = report["protocol"]
     ns = sorted({r["n_identities"] for r in report["rows"].values()})
     commands = list(dict.fromkeys(r["command"] for r in report["rows"].values()))
+    modes = [m for m in MODES if any(m in r["modes"] for r in report["rows"].values())]
     if len(commands) > 1:  # rows run apart (in parallel, or added later): one command that redoes them all
-        commands = [f"python benchmarks/transfer.py --rows {','.join(report['rows'])} --limit {max(ns)}"]
+        only = "" if len(modes) == len(MODES) else f" --modes {','.join(modes)}"
+        commands = [f"python benchmarks/transfer.py --rows {','.join(report['rows'])} --limit {max(ns)}{only}"]
     lines = [
         "# Transfer at the visibility budget", "",
         *[f"`{c}`" for c in commands],
@@ -331,8 +333,9 @@ def markdown(report: dict[str, Any]) -> str:
            "a rerun of these rows only judges)"] if len({r["command"] for r in report["rows"].values()}) > 1
           else []), "",
         f"({report['created']}, {report['environment']['threads']} torch thread). "
-        f"{' or '.join(map(str, ns))} eval-split identities (the first of the protocol order; per row below), both "
-        f"modes; attack: {', '.join(p['attack_models'])}; "
+        f"{' or '.join(map(str, ns))} eval-split identities (the first of the protocol order; per row below), "
+        f"{'both modes' if len(modes) == len(MODES) else ', '.join(modes) + ' only'}; "
+        f"attack: {', '.join(p['attack_models'])}; "
         f"judges never attacked: {', '.join(p['judges'])}. PSR = mean over judges, [Wilson 95 % interval over "
         "identities]; clean = the unprotected photo scored the same way; social = after resize to 1080 px + JPEG 75 "
         "(kept = social / PSR). Visibility on the saved photo over the face mask.", "",
