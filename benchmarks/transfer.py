@@ -67,6 +67,8 @@ ROWS: dict[str, tuple[str, str, dict[str, Any], str]] = {
                     "its matching margin on the clean face"),
     "pgd-spectrum": ("pgd", "medium", {"spectrum_rho": 0.5},
                      "spectrum augmentation (SSA): noise at the bound and every frequency scaled by U(0.5, 1.5)"),
+    "pgd-strong": ("pgd", "medium", {"steps": 150, "step_size": 0.5 / 255, "diversity_prob": 0.0},
+                   "a stronger white-box attack: 150 steps of 0.5 grey levels, no input diversity"),
     "fluxguard-long": ("fluxguard", "medium", {"attack_start": 6, "adam_steps": 12},
                        "Flux-Guard, 4 attacked steps x 12 Adam iterations (48, against 20)"),
     "fluxguard-gain": ("fluxguard", "medium", {"change_gain": 3.0},
@@ -318,6 +320,17 @@ def summarise(items: list[dict], judges: list, mode: str, rate_interval: Any) ->
     return out
 
 
+def judge_words(protocol: dict[str, Any]) -> str:
+    """How the judges relate to the attack: never attacked (black-box), or the attacked models themselves (the
+    white-box ceiling of the same protocol, ``--judges`` set to the attack models)."""
+    attacked = set(protocol["judges"]) & set(protocol["attack_models"])
+    if not attacked:
+        return "judges never attacked"
+    if attacked == set(protocol["judges"]):
+        return "judges the attacked models themselves (white-box: the ceiling of any transfer)"
+    return f"judges (attacked: {', '.join(sorted(attacked))})"
+
+
 def markdown(report: dict[str, Any]) -> str:
     p = report["protocol"]
     ns = sorted({r["n_identities"] for r in report["rows"].values()})
@@ -336,7 +349,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{' or '.join(map(str, ns))} eval-split identities (the first of the protocol order; per row below), "
         f"{'both modes' if len(modes) == len(MODES) else ', '.join(modes) + ' only'}; "
         f"attack: {', '.join(p['attack_models'])}; "
-        f"judges never attacked: {', '.join(p['judges'])}. PSR = mean over judges, [Wilson 95 % interval over "
+        f"{judge_words(p)}: {', '.join(p['judges'])}. PSR = mean over judges, [Wilson 95 % interval over "
         "identities]; clean = the unprotected photo scored the same way; social = after resize to 1080 px + JPEG 75 "
         "(kept = social / PSR). Visibility on the saved photo over the face mask.", "",
         *[f"- {n}" for n in report.get("notes", [])], *([""] if report.get("notes") else []),
