@@ -67,6 +67,8 @@ ROWS: dict[str, tuple[str, str, dict[str, Any], str]] = {
                     "its matching margin on the clean face"),
     "pgd-spectrum": ("pgd", "medium", {"spectrum_rho": 0.5},
                      "spectrum augmentation (SSA): noise at the bound and every frequency scaled by U(0.5, 1.5)"),
+    "pgd-margin": ("pgd", "medium", {"model_weighting": "margin"},
+                   "each surrogate's cosine divided by its matching margin (1 - FAR 1e-2 threshold)"),
     "pgd-strong": ("pgd", "medium", {"steps": 150, "step_size": 0.5 / 255, "diversity_prob": 0.0},
                    "a stronger white-box attack: 150 steps of 0.5 grey levels, no input diversity"),
     "fluxguard-long": ("fluxguard", "medium", {"attack_start": 6, "adam_steps": 12},
@@ -358,8 +360,9 @@ def markdown(report: dict[str, Any]) -> str:
         if not any(mode in r["modes"] for r in report["rows"].values()):
             continue
         lines += [f"## {mode}", "",
-                  "| row | what | n | PSR @1e-1 | PSR @1e-2 | clean @1e-2 | social @1e-2 (kept) | dE2000 | visible | "
-                  "max colour shift | s/face |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| row | what | n | PSR @1e-1 | PSR @1e-2 | clean @1e-2 | per judge @1e-2: PSR / clean | "
+                  "social @1e-2 (kept) | dE2000 | visible | max colour shift | s/face |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in report["rows"].items():
             m = r["modes"].get(mode)
             if m is None:
@@ -370,9 +373,12 @@ def markdown(report: dict[str, Any]) -> str:
                 cells.append(f"{m['mean'][far]:.1f} [{lo:.0f}, {hi:.0f}]")
             kept = m["kept"]["1e-2"]
             q = m["quality"]
+            # the mean hides how unequal the judges are: a weak judge misses many unprotected photos already
+            per_judge = "; ".join(f"{j} {v['1e-2']['protected']:.0f} / {v['1e-2']['clean']:.0f}"
+                                  for j, v in m["judges"].items())
             lines.append(
                 f"| {name} | {r['what']} | {r['n_identities']} | {cells[0]} | {cells[1]} | {m['clean']['1e-2']:.1f} | "
-                f"{m['social']['1e-2']:.1f} ({'–' if kept is None else f'{100 * kept:.0f} %'}) | "
+                f"{per_judge} | {m['social']['1e-2']:.1f} ({'–' if kept is None else f'{100 * kept:.0f} %'}) | "
                 f"{q['delta_e_mean']:.2f} | {100 * q['visible']:.1f} % | {q['max_colour_shift']:.2f} | "
                 f"{m['seconds_per_face']:.1f} |")
         lines.append("")

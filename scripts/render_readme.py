@@ -396,6 +396,15 @@ def _(r: Results) -> str:
     return f"{ci(_transfer_psr(row, 'dodge'))} % at FAR 1e-2 and {ci(_transfer_psr(row, 'dodge', '1e-1'))} % at 1e-1"
 
 
+@figure("transfer.default_per_judge")
+def _(r: Results) -> str:
+    from fluxguard.api import DEFAULT_METHOD
+
+    judges = _transfer_row(r, DEFAULT_METHOD)["modes"]["dodge"]["judges"]
+    return "; ".join(f"{name} {pct(v['1e-2']['protected'] / 100)} % (clean photo {pct(v['1e-2']['clean'] / 100)} %)"
+                     for name, v in judges.items())
+
+
 TRANSFER_WHITEBOX = "benchmarks/results/transfer_whitebox.json"
 
 

@@ -98,3 +98,23 @@ def test_pgd_transfer_augmentations_keep_the_budget_and_the_seed(tiny_recognizer
     assert float(loss(a).mean()) < float(loss(x).mean())
     with pytest.raises(ConfigError, match="spectrum_rho"):
         METHODS["pgd"](tiny_recognizers, spectrum_rho=1.0)
+
+
+def test_pgd_margin_weighting_favours_the_narrow_model(tiny_recognizers, monkeypatch) -> None:
+    import fluxguard.methods.pgd as pgd_module
+
+    narrow = tiny_recognizers[0]
+    # the first model decides on a narrow margin (threshold 0.95), the others on a wide one (0.3)
+    monkeypatch.setattr(pgd_module, "_threshold", lambda r: 0.95 if r is narrow else 0.3)
+    x = _crops()
+    ones = torch.ones_like(x[:, :1])
+    kw = {"steps": 10, "crop_size": 64, "budget": "high", "diversity_prob": 0.0}
+    mean = METHODS["pgd"](tiny_recognizers, **kw).protect_faces(x, masks=ones).crops
+    margin = METHODS["pgd"](tiny_recognizers, model_weighting="margin", **kw).protect_faces(x, masks=ones).crops
+    m = METHODS["pgd"](tiny_recognizers, model_weighting="margin", **kw)
+    assert ((margin - x).abs() <= m.change_bound(x, ones) + 1e-6).all()
+    loss = IdentityLoss(tiny_recognizers, x)
+    # the narrow model's cosine to the source falls further when each term is divided by its margin
+    assert float(loss.per_model(margin)[0].mean()) < float(loss.per_model(mean)[0].mean())
+    with pytest.raises(ConfigError, match="model_weighting"):
+        METHODS["pgd"](tiny_recognizers, model_weighting="max")

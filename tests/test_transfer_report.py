@@ -28,3 +28,14 @@ def test_the_white_box_ceiling_file_judges_with_the_attacked_models() -> None:
     report = json.loads((ROOT / "benchmarks" / "results" / "transfer_whitebox.json").read_text())
     assert set(report["protocol"]["judges"]) == set(report["protocol"]["attack_models"])
     assert "white-box" in (ROOT / "benchmarks" / "results" / "transfer_whitebox.md").read_text()
+
+
+def test_the_table_shows_each_judge_beside_its_clean_control() -> None:
+    import json
+
+    report = json.loads((ROOT / "benchmarks" / "results" / "transfer_whitebox.json").read_text())
+    md = _transfer().markdown(report)
+    row = next(line for line in md.splitlines() if line.startswith("| pgd |"))
+    judges = report["rows"]["pgd"]["modes"]["dodge"]["judges"]
+    for name, v in judges.items():  # "name PSR / clean" for each judge, at FAR 1e-2
+        assert f"{name} {v['1e-2']['protected']:.0f} / {v['1e-2']['clean']:.0f}" in row

@@ -52,7 +52,9 @@ class PGDConfig:
     # the pixels where the gradient is largest per unit of colour difference (normalised-gradient steps)
     projection: str = "box"
     # "mean": the ensemble's loss is the mean over models; "balanced": each model's gradient is normalised (mean
-    # absolute value 1) before they are summed, so no easy model dominates the direction
+    # absolute value 1) before they are summed, so no easy model dominates the direction; "margin": each model's term
+    # is divided by its matching margin (1 - its FAR 1e-2 threshold), so a model whose genuine and impostor cosines lie
+    # close together (dlib: threshold 0.91) counts as much per unit of its own decision scale as a wide one
     model_weighting: str = "mean"
     # impersonation: the target embedding is the mean of this many views of the target photo (itself, mirrored,
     # jittered), and source_weight also pushes away from the source's own embedding
@@ -81,8 +83,8 @@ class PGDConfig:
             raise ConfigError(f"model_dropout must be 0 (off) or a share in (0, 1), got {self.model_dropout}")
         if self.target_views < 1 or self.source_weight < 0:
             raise ConfigError("target_views must be >= 1 and source_weight >= 0")
-        if self.model_weighting not in ("mean", "balanced"):
-            raise ConfigError(f"model_weighting must be mean or balanced, got {self.model_weighting!r}")
+        if self.model_weighting not in ("mean", "balanced", "margin"):
+            raise ConfigError(f"model_weighting must be mean, balanced or margin, got {self.model_weighting!r}")
         if self.projection not in ("box", "sparse"):
             raise ConfigError(f"projection must be box or sparse, got {self.projection!r}")
         if self.colour not in ("rgb", "luma"):
@@ -205,6 +207,9 @@ class PGD(ProtectionMethod):
             lm0 = loss_fn.landmarks.to(torch.float64)
             loss_fn.augment_models([calibrate_dropout(r, x0, lm0, 1 - cfg.model_dropout * (1 - _threshold(r)))
                                     for r in self.recognizers], gen)
+        margins = None
+        if cfg.model_weighting == "margin":
+            margins = x0.new_tensor([max(1.0 - _threshold(r), 0.05) for r in self.recognizers])[:, None]
         sparse = None
         if cfg.projection == "sparse":
             cost = delta_e_cost(x0) * m
@@ -227,6 +232,9 @@ class PGD(ProtectionMethod):
                     (g_m,) = torch.autograd.grad(t, delta, retain_graph=i < len(terms) - 1)
                     grad = grad + g_m / g_m.abs().mean().clamp_min(1e-12)
                 loss = terms.mean()
+            elif margins is not None:
+                loss = (loss_fn.per_model(x_in, lm) / margins).mean(0).sum()
+                (grad,) = torch.autograd.grad(loss, delta)
             else:
                 loss = loss_fn(x_in, lm).sum()
                 (grad,) = torch.autograd.grad(loss, delta)
