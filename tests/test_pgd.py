@@ -110,9 +110,9 @@ def test_pgd_margin_weighting_favours_the_narrow_model(tiny_recognizers, monkeyp
     ones = torch.ones_like(x[:, :1])
     kw = {"steps": 10, "crop_size": 64, "budget": "high", "diversity_prob": 0.0}
     mean = METHODS["pgd"](tiny_recognizers, **kw).protect_faces(x, masks=ones).crops
-    margin = METHODS["pgd"](tiny_recognizers, model_weighting="margin", **kw).protect_faces(x, masks=ones).crops
-    m = METHODS["pgd"](tiny_recognizers, model_weighting="margin", **kw)
-    assert ((margin - x).abs() <= m.change_bound(x, ones) + 1e-6).all()
+    margin_pgd = METHODS["pgd"](tiny_recognizers, model_weighting="margin", **kw)
+    margin = margin_pgd.protect_faces(x, masks=ones).crops
+    assert ((margin - x).abs() <= margin_pgd.change_bound(x, ones) + 1e-6).all()
     loss = IdentityLoss(tiny_recognizers, x)
     # the narrow model's cosine to the source falls further when each term is divided by its margin
     assert float(loss.per_model(margin)[0].mean()) < float(loss.per_model(mean)[0].mean())

@@ -207,9 +207,9 @@ class PGD(ProtectionMethod):
             lm0 = loss_fn.landmarks.to(torch.float64)
             loss_fn.augment_models([calibrate_dropout(r, x0, lm0, 1 - cfg.model_dropout * (1 - _threshold(r)))
                                     for r in self.recognizers], gen)
-        margins = None
-        if cfg.model_weighting == "margin":
-            margins = x0.new_tensor([max(1.0 - _threshold(r), 0.05) for r in self.recognizers])[:, None]
+        # (M, 1) divisor of each model's term: its matching margin for "margin", 1 (the plain mean) otherwise
+        margins = x0.new_tensor([max(1.0 - _threshold(r), 0.05) if cfg.model_weighting == "margin" else 1.0
+                                 for r in self.recognizers])[:, None]
         sparse = None
         if cfg.projection == "sparse":
             cost = delta_e_cost(x0) * m
@@ -232,11 +232,8 @@ class PGD(ProtectionMethod):
                     (g_m,) = torch.autograd.grad(t, delta, retain_graph=i < len(terms) - 1)
                     grad = grad + g_m / g_m.abs().mean().clamp_min(1e-12)
                 loss = terms.mean()
-            elif margins is not None:
-                loss = (loss_fn.per_model(x_in, lm) / margins).mean(0).sum()
-                (grad,) = torch.autograd.grad(loss, delta)
             else:
-                loss = loss_fn(x_in, lm).sum()
+                loss = (loss_fn.per_model(x_in, lm) / margins).mean(0).sum()
                 (grad,) = torch.autograd.grad(loss, delta)
             with torch.no_grad():
                 if cfg.colour == "luma":
