@@ -327,6 +327,8 @@ def test_config_and_registry() -> None:
     with pytest.raises(ConfigError, match="wdp has no parameter 'no_such_knob'"):
         WDP([RandomConvFR()], no_such_knob=1)
     assert WDP([RandomConvFR()], prot_steps=7).params()["prot_steps"] == 7
+    with pytest.raises(ConfigError, match="aligned portrait crops"):  # windows of a photo are for pgd
+        WDP([RandomConvFR()]).protect_faces(torch.rand(1, 3, 64, 64), landmarks=torch.zeros(1, 5, 2))
 
 
 # ------------------------------------------------------------------------------------------------ purification

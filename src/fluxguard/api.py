@@ -294,13 +294,25 @@ class Protector:
         timings["detect"] = time.perf_counter() - t0
         if not faces:
             raise NoFaceError("no face found in the photo; nothing to protect", path=loaded.source)
-        from fluxguard.faces.align import native_crop_size
+        from fluxguard.faces.align import move_to, native_crop_size, window_face, window_size
+        from fluxguard.faces.mask import face_mask
 
         photo = to_tensor(loaded.rgb, self.device)
         # a method without a fixed crop size (pgd) works at each face's own resolution: nothing is lost or invented
-        # by resampling between the crop and the photo
-        sizes = [self.method.crop_size or native_crop_size(f.landmarks) for f in faces]
+        # by resampling between the crop and the photo; one that takes windows gets one where the face fits
+        windows = [window_size(f.landmarks) if self.method.window_crops else None for f in faces]
+        sizes = [self.method.crop_size or w or native_crop_size(f.landmarks) for f, w in zip(faces, windows,
+                                                                                           strict=True)]
         aligned = [align_faces(photo, [f.landmarks], s)[0] for f, s in zip(faces, sizes, strict=True)]
+        # the protection mask is built on the aligned crop (FaceMesh expects an upright face), then moved into the
+        # window, so it is the same mask in the photo either way
+        masks = [face_mask(af.crop)[0] for af in aligned]
+        crop_landmarks: list[torch.Tensor | None] = [None] * len(faces)
+        for i, (f, w) in enumerate(zip(faces, windows, strict=True)):
+            if w is not None:
+                win = window_face(photo, f.landmarks, w)
+                masks[i] = move_to(masks[i], aligned[i], win).clamp(0, 1)
+                aligned[i], crop_landmarks[i] = win, torch.as_tensor(win.crop_landmarks)[None]
 
         target_crops: dict[int, torch.Tensor] = {}
         target_emb: dict[str, torch.Tensor] | None = None
@@ -322,9 +334,6 @@ class Protector:
         elif target is not None:
             raise ConfigError("a target photo was given but the mode is dodge; use --mode impersonate")
 
-        from fluxguard.faces.mask import face_mask
-
-        masks = [face_mask(af.crop)[0] for af in aligned]
         gen = torch.Generator(device="cpu").manual_seed(seed)
         edited, histories, used_masks = [], [], []
         t1 = time.perf_counter()
@@ -332,7 +341,7 @@ class Protector:
             stage = f"face {i + 1}/{len(aligned)}"
             cb = None if progress is None else (lambda s, k, n, _p=stage: progress(f"{_p}: {s}", k, n))
             res = self.method.protect(af.crop[None], masks=masks[i][None], target=target_crops.get(af.size),
-                                      generator=gen, progress=cb)
+                                      generator=gen, progress=cb, landmarks=crop_landmarks[i])
             edited.append(res.crops[0])
             used_masks.append(res.masks[0] if res.masks is not None else masks[i])
             histories.append(res.history)

@@ -120,14 +120,19 @@ def invert_affine(matrix: torch.Tensor) -> torch.Tensor:
     return torch.cat([ai, -ai @ t], dim=-1)
 
 
+def portrait_side(landmarks: np.ndarray, margin: float = PORTRAIT_MARGIN) -> float:
+    """The side (photo px) of the portrait box of the face at ``landmarks``."""
+    ref = 256
+    m = estimate_similarity(np.asarray(landmarks, dtype=np.float64), crop_template(ref, margin))
+    scale = float(torch.sqrt(torch.abs(torch.linalg.det(m[:2, :2]))))  # photo px -> crop px at ``ref``
+    return ref / max(scale, 1e-9)
+
+
 def native_crop_size(landmarks: np.ndarray, lo: int = 128, hi: int = 512, multiple: int = 16,
                      margin: float = PORTRAIT_MARGIN) -> int:
     """The side (px) at which a portrait crop of the face at ``landmarks`` keeps the photo's own resolution,
     rounded to ``multiple`` and clamped to [lo, hi]."""
-    ref = 256
-    m = estimate_similarity(np.asarray(landmarks, dtype=np.float64), crop_template(ref, margin))
-    scale = float(torch.sqrt(torch.abs(torch.linalg.det(m[:2, :2]))))  # photo px -> crop px at ``ref``
-    side = ref / max(scale, 1e-9)
+    side = portrait_side(landmarks, margin)
     return int(min(hi, max(lo, multiple * round(side / multiple))))
 
 
@@ -142,6 +147,12 @@ class AlignedFace:
     @property
     def size(self) -> int:
         return int(self.crop.shape[-1])
+
+    @property
+    def crop_landmarks(self) -> np.ndarray:
+        """(5, 2) the landmarks in crop coordinates (the portrait template for an aligned crop)."""
+        m = self.matrix.numpy()
+        return self.landmarks @ m[:, :2].T + m[:, 2]
 
 
 def align_faces(
@@ -161,6 +172,50 @@ def align_faces(
         crop = warp_affine(photo[None], m[None], (size, size))[0].clamp(0, 1)
         out.append(AlignedFace(crop=crop, matrix=m, landmarks=np.asarray(lm, dtype=np.float64)))
     return out
+
+
+def window_size(landmarks: np.ndarray, lo: int = 128, hi: int = 512, multiple: int = 16,
+                margin: float = PORTRAIT_MARGIN) -> int | None:
+    """The side (px) of a :func:`window_face` that holds the face's whole portrait box at the photo's resolution:
+    rounded up to ``multiple``, at least ``lo``; None when that is over ``hi`` (the face is too big for one)."""
+    side = multiple * int(np.ceil(portrait_side(landmarks, margin) / multiple))
+    return max(lo, side) if side <= hi else None
+
+
+def window_face(photo: torch.Tensor, landmarks: np.ndarray, size: int, margin: float = PORTRAIT_MARGIN
+                ) -> AlignedFace:
+    """A ``size`` px square window of ``photo`` ((3, H, W) float [0, 1]) centred where the portrait crop of the face
+    at ``landmarks`` is: an integer shift, no rotation or scaling, so the crop and its paste-back copy pixels
+    exactly (nothing is resampled) and the face keeps its tilt (its landmarks are :attr:`AlignedFace.crop_landmarks`).
+    Pixels outside the photo repeat its border, as in :func:`align_faces`.
+    """
+    lm = np.asarray(landmarks, dtype=np.float64)
+    aligned = estimate_similarity(lm, crop_template(size, margin))
+    centre = invert_affine(aligned) @ torch.tensor([(size - 1) / 2, (size - 1) / 2, 1.0], dtype=torch.float64)
+    x0, y0 = (round(float(c) - (size - 1) / 2) for c in centre)
+    m = torch.tensor([[1.0, 0.0, -x0], [0.0, 1.0, -y0]], dtype=torch.float64)
+    _, h, w = photo.shape
+    ys = torch.arange(y0, y0 + size, device=photo.device).clamp(0, h - 1)
+    xs = torch.arange(x0, x0 + size, device=photo.device).clamp(0, w - 1)
+    return AlignedFace(crop=photo[:, ys][:, :, xs].clamp(0, 1), matrix=m, landmarks=lm)
+
+
+def _shift(matrix: torch.Tensor) -> tuple[int, int] | None:
+    """(x0, y0) when ``matrix`` is the integer shift of a :func:`window_face` (crop = photo[y0:, x0:]), else None."""
+    m = matrix.to(torch.float64)
+    t = m[:, 2]
+    if torch.equal(m[:, :2], torch.eye(2, dtype=torch.float64)) and torch.equal(t, t.round()):
+        return -int(t[0]), -int(t[1])
+    return None
+
+
+def move_to(image: torch.Tensor, src: AlignedFace, dst: AlignedFace) -> torch.Tensor:
+    """(C, S, S) ``image`` in ``src``'s crop frame, warped into ``dst``'s (zeros where ``src`` has no pixel); e.g. a
+    face mask built on an aligned crop, for a window of the same face."""
+    inv = invert_affine(src.matrix)
+    m = dst.matrix.to(torch.float64)
+    composed = torch.cat([m[:, :2] @ inv[:, :2], m[:, :2] @ inv[:, 2:] + m[:, 2:]], dim=1)  # src crop -> dst crop
+    return warp_affine(image[None].float(), composed[None], (dst.size, dst.size), padding_mode="zeros")[0]
 
 
 def feather_mask(size: int, border: float = 0.08, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -209,6 +264,18 @@ def paste_back(photo: torch.Tensor, faces: list[AlignedFace], edited: list[torch
         else:
             mask = (masks[i].to(photo).reshape(1, 1, face.size, face.size) > 0).to(photo)
             delta = delta * mask
+        shift = _shift(face.matrix)
+        if shift is not None:  # a window: the change is copied, not resampled
+            x0, y0 = shift
+            ya, yb, xa, xb = max(0, y0), min(h, y0 + face.size), max(0, x0), min(w, x0 + face.size)
+            if yb <= ya or xb <= xa:
+                continue
+            d = delta[0, :, ya - y0 : yb - y0, xa - x0 : xb - x0]
+            m_w = mask[0, :, ya - y0 : yb - y0, xa - x0 : xb - x0]
+            weight = m_w if masks is None else 1.0
+            patch = out[:, ya:yb, xa:xb]
+            out[:, ya:yb, xa:xb] = torch.where(m_w > 0, (patch + d * weight).clamp(0, 1), patch)
+            continue
         region = _region(face, h, w)
         if region is None:
             continue
@@ -227,6 +294,14 @@ def photo_mask(shape: tuple[int, int], faces: list[AlignedFace], masks: list[tor
     h, w = shape
     out = torch.zeros(h, w, dtype=torch.float32)
     for face, m in zip(faces, masks, strict=True):
+        shift = _shift(face.matrix)
+        if shift is not None:
+            x0, y0 = shift
+            ya, yb, xa, xb = max(0, y0), min(h, y0 + face.size), max(0, x0), min(w, x0 + face.size)
+            if yb > ya and xb > xa:
+                part = m.float().reshape(face.size, face.size)[ya - y0 : yb - y0, xa - x0 : xb - x0].clamp(0, 1)
+                out[ya:yb, xa:xb] = torch.maximum(out[ya:yb, xa:xb], part.cpu())
+            continue
         region = _region(face, h, w)
         if region is None:
             continue

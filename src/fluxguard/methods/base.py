@@ -75,6 +75,10 @@ class ProtectionMethod(ABC):
 
     name: ClassVar[str]
     crop_size: int | None = 256
+    # False: crops are aligned portrait crops (rotated and scaled to the template, what generators need). True: each
+    # crop is a window of the photo around the face (no resampling on the way in or back; only for crop_size None),
+    # and protect() gets the face's landmarks in it
+    window_crops: bool = False
     config_class: ClassVar[type | None] = None
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
@@ -126,10 +130,13 @@ class ProtectionMethod(ABC):
         target: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         progress: ProgressFn | None = None,
+        landmarks: torch.Tensor | None = None,
     ) -> MethodResult:
         """Protect (B, 3, S, S) aligned crops in [0, 1] inside their face ``masks`` ((B, 1, S, S) in [0, 1];
         default: the whole crop) and the visibility budget; returns the projected crops.
 
+        ``landmarks`` ((B, 5, 2)) are the faces' points in ``crops`` when these are not aligned portrait crops
+        (windows of the photo, :attr:`window_crops`); None: the portrait template.
         ``info["visibility"]`` holds, per face, the projection's scale and the mean CIEDE2000 and visible share
         measured on the crop.
         """
@@ -137,7 +144,8 @@ class ProtectionMethod(ABC):
         if masks is None:
             masks = torch.ones_like(crops[:, :1])
         masks = masks.to(crops.device, torch.float32)
-        res = self.protect_faces(crops, masks=masks, target=target, generator=generator, progress=progress)
+        res = self.protect_faces(crops, masks=masks, target=target, generator=generator, progress=progress,
+                                 landmarks=landmarks)
         used = masks if res.masks is None else res.masks.to(masks)
         ref = crops if res.reference is None else res.reference
         ref = ref.detach().float().to(res.crops.device)
@@ -154,8 +162,10 @@ class ProtectionMethod(ABC):
         target: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         progress: ProgressFn | None = None,
+        landmarks: torch.Tensor | None = None,
     ) -> MethodResult:
-        """The method itself on (B, 3, S, S) aligned portrait crops in [0, 1] (S = ``self.crop_size``).
+        """The method itself on (B, 3, S, S) aligned portrait crops in [0, 1] (S = ``self.crop_size``), or on crops
+        whose faces are at ``landmarks`` ((B, 5, 2); a method that cannot take them raises ConfigError).
 
         ``masks`` ((B, 1, S, S), default the whole crop) says where the face may change; the output should already
         be ``crops + change`` with the change shaped by :func:`~fluxguard.losses.visibility.shape_residual` inside

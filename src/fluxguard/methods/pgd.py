@@ -1,9 +1,10 @@
 """The pixel baseline: ensemble PGD with momentum and input diversity (MI-FGSM / DI / TI) inside the visibility budget.
 
-Distance measure: a per-pixel L-inf bound on the aligned portrait crop, the scaled JND of each pixel inside the
-face mask and 0 outside (:class:`~fluxguard.losses.visibility.VisibilityBudget`): the change goes where texture hides
-it, never onto the background or hair. ``eps`` optionally caps it further with a uniform L-inf budget (the classic
-TIP-IM-style 8/255 of earlier versions). Input range [0, 1].
+Distance measure: a per-pixel L-inf bound on the face's crop (an aligned portrait crop, or with ``window`` a plain
+window of the photo around the face, so nothing is resampled between the attack and the photo), the scaled JND of
+each pixel inside the face mask and 0 outside (:class:`~fluxguard.losses.visibility.VisibilityBudget`): the change
+goes where texture hides it, never onto the background or hair. ``eps`` optionally caps it further with a uniform
+L-inf budget (the classic TIP-IM-style 8/255 of earlier versions). Input range [0, 1].
 With ``momentum=0, diversity_prob=0`` it is plain PGD (Madry et al. 2018); the defaults are MI-FGSM
 (Dong et al. 2018, arXiv 1710.06081) with input diversity (Xie et al. 2019, arXiv 1803.06978), which is what
 transfers to FR models that were not attacked. ``eot`` adds expectation over JPEG / resize (straight-through
@@ -26,7 +27,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fluxguard.errors import ConfigError
-from fluxguard.faces.align import portrait_template
 from fluxguard.losses.identity import IdentityLoss
 from fluxguard.losses.visibility import bound_residual, delta_e_cost, project_sparse, remove_colour_cast
 from fluxguard.methods.base import MethodResult, Mode, ProgressFn, ProtectionMethod
@@ -36,7 +36,7 @@ from fluxguard.recognition.base import FaceRecognizer
 
 @dataclass
 class PGDConfig:
-    eps: float | None = None  # extra uniform L-inf cap on the aligned crop (None: the visibility budget alone)
+    eps: float | None = None  # extra uniform L-inf cap on the crop (None: the visibility budget alone)
     steps: int = 50
     step_size: float = 1 / 255
     momentum: float = 1.0  # MI-FGSM decay mu; 0 = plain PGD
@@ -61,6 +61,10 @@ class PGDConfig:
     target_views: int = 1
     source_weight: float = 0.0
     crop_size: int | None = None  # None: each face at its own resolution in the photo (no resampling loss)
+    # True (with crop_size None): each crop is a window of the photo around the face, not an aligned (rotated,
+    # sub-pixel shifted) crop, so the change reaches the photo without being resampled; the FR models align the
+    # face from its landmarks in the window, as they do from the photo
+    window: bool = False
     # model augmentation (DFANet): at each step every surrogate is a randomly thinned copy (dropout on the feature
     # maps its layers read), so the change cannot lean on a few units of one model. 0 = off; else the share of each
     # model's matching margin (1 - its FAR 1e-2 threshold) a thinned copy may use up on the clean face, which sets
@@ -141,21 +145,24 @@ class PGD(ProtectionMethod):
                  config: PGDConfig | None = None, **overrides: Any) -> None:
         super().__init__(recognizers, mode=mode, config=config, **overrides)
         self.crop_size = self.config.crop_size
+        self.window_crops = self.config.window and self.crop_size is None
 
-    def _diverse(self, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A random input transform: jittered landmarks (each FR crop moves/scales) and a down-up resize."""
+    def _diverse(self, x: torch.Tensor, base: torch.Tensor, gen: torch.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A random input transform: jittered landmarks (each FR crop moves/scales around the faces' ``base``
+        landmarks, (5, 2) or (B, 5, 2)) and a down-up resize."""
         cfg = self.config
         if cfg.diversity_prob <= 0 or torch.rand((), generator=gen).item() >= cfg.diversity_prob:
             return x, None
         b, _, s, _ = x.shape
         r = torch.rand((b, 4), generator=gen, dtype=torch.float64) * 2 - 1
-        tpl = torch.as_tensor(portrait_template(s), dtype=torch.float64)
-        centre = tpl.mean(0)
+        base = base.to(torch.float64).expand(b, 5, 2)
+        centre = base.mean(1, keepdim=True)
         scale = 1 + cfg.diversity_scale * r[:, 0]
         shift = 0.5 * cfg.diversity_scale * s * r[:, 1:3]
         angle = math.radians(5.0) * r[:, 3]
         rot = torch.stack([torch.cos(angle), -torch.sin(angle), torch.sin(angle), torch.cos(angle)], -1).view(b, 2, 2)
-        lm = (tpl - centre) @ (rot * scale[:, None, None]).transpose(1, 2) + centre + shift[:, None, :]
+        lm = (base - centre) @ (rot * scale[:, None, None]).transpose(1, 2) + centre + shift[:, None, :]
         low = int(s * (1 - cfg.diversity_scale * torch.rand((), generator=gen).item()))
         if low < s:
             x = F.interpolate(F.interpolate(x, size=(low, low), mode="bilinear", antialias=True, align_corners=False),
@@ -192,6 +199,7 @@ class PGD(ProtectionMethod):
         target: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         progress: ProgressFn | None = None,
+        landmarks: torch.Tensor | None = None,
     ) -> MethodResult:
         cfg = self.config
         self.check_target(target)
@@ -201,7 +209,7 @@ class PGD(ProtectionMethod):
         bound = self.change_bound(x0, m)
         if cfg.eps is not None:
             bound = bound.clamp(max=cfg.eps)
-        loss_fn = IdentityLoss(self.recognizers, x0, target, target_views=cfg.target_views,
+        loss_fn = IdentityLoss(self.recognizers, x0, target, landmarks, target_views=cfg.target_views,
                                source_weight=cfg.source_weight)
         if cfg.model_dropout > 0:
             lm0 = loss_fn.landmarks.to(torch.float64)
@@ -224,7 +232,7 @@ class PGD(ProtectionMethod):
         for step in range(cfg.steps):
             delta = self._project(x0, delta, m, bound, sparse).requires_grad_(True)
             x = x0 + delta
-            x_in, lm = self._diverse(self._spectrum(self._eot(x, gen), bound, gen), gen)
+            x_in, lm = self._diverse(self._spectrum(self._eot(x, gen), bound, gen), loss_fn.landmarks, gen)
             if cfg.model_weighting == "balanced":
                 terms = loss_fn.per_model(x_in, lm).sum(1)  # (M,)
                 grad = torch.zeros_like(delta)

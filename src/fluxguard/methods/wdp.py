@@ -408,6 +408,7 @@ class WDP(ProtectionMethod):
         target: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         progress: ProgressFn | None = None,
+        landmarks: torch.Tensor | None = None,
     ) -> MethodResult:
         """Protect (B, 3, S, S) aligned portrait crops in [0, 1]; see the class docstring for the modes.
 
@@ -417,6 +418,8 @@ class WDP(ProtectionMethod):
         ``info`` carries the null-text losses, the timesteps, the final similarities and the stage timings.
         """
         cfg = self.config
+        if landmarks is not None:
+            raise ConfigError("wdp works on aligned portrait crops; it takes no landmarks")
         self._check_inputs(crops, target)
         backend = self.backend
         dev = backend.device
