@@ -48,7 +48,9 @@ ROWS: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "fluxguard-low": ("fluxguard", "low", {}, "Flux-Guard on the lite models, low budget"),
     "fluxguard": ("fluxguard", "medium", {}, "Flux-Guard on the lite models, medium budget"),
     "fluxguard-high": ("fluxguard", "high", {}, "Flux-Guard on the lite models, high budget"),
+    "wdp-low": ("wdp", "low", {}, "WDP on the lite models, low budget"),
     "wdp": ("wdp", "medium", {}, "WDP on the lite models, medium budget"),
+    "wdp-high": ("wdp", "high", {}, "WDP on the lite models, high budget"),
     # levers, each against its reference row: pgd-rgb for the R, G, B rows (measured before grey-level steps became
     # the default), pgd for pgd-sparse, pgd-ti, pgd-dropout and pgd-spectrum, fluxguard for the fluxguard-* rows
     "pgd-rgb": ("pgd", "medium", {"colour": "rgb"}, "sign steps on R, G and B separately"),
@@ -71,6 +73,9 @@ ROWS: dict[str, tuple[str, str, dict[str, Any], str]] = {
                    "each surrogate's cosine divided by its matching margin (1 - FAR 1e-2 threshold)"),
     "pgd-strong": ("pgd", "medium", {"steps": 150, "step_size": 0.5 / 255, "diversity_prob": 0.0},
                    "a stronger white-box attack: 150 steps of 0.5 grey levels, no input diversity"),
+    "pgd-window": ("pgd", "medium", {"window": True},
+                   "each face attacked in a window of the photo (an integer shift: nothing resampled between the "
+                   "attack's view and the photo), not in an aligned crop"),
     "fluxguard-long": ("fluxguard", "medium", {"attack_start": 6, "adam_steps": 12},
                        "Flux-Guard, 4 attacked steps x 12 Adam iterations (48, against 20)"),
     "fluxguard-gain": ("fluxguard", "medium", {"change_gain": 3.0},

@@ -424,6 +424,26 @@ def _(r: Results) -> str:
             f"{row['n_identities']} identities), against {ci(black)} % on the judges it never saw")
 
 
+@figure("transfer.window")
+def _(r: Results) -> str:
+    """The window lever against the default, white-box and black-box, with what each costs in visibility."""
+    from fluxguard.api import DEFAULT_METHOD
+
+    white = r.json(TRANSFER_WHITEBOX)["rows"]
+    if "pgd-window" not in white or DEFAULT_METHOD not in white:
+        raise RenderError(f"{TRANSFER_WHITEBOX} needs the rows pgd-window and {DEFAULT_METHOD}")
+    window, default = _transfer_row(r, "pgd-window"), _transfer_row(r, DEFAULT_METHOD)
+
+    def looks(row: dict[str, Any]) -> str:
+        q = row["modes"]["dodge"]["quality"]
+        return f"CIEDE2000 {q['delta_e_mean']:.2f}, {pct(q['visible'])} % visible"
+
+    return (f"dodging PSR at FAR 1e-2 white-box {ci(_transfer_psr(white['pgd-window'], 'dodge'))} against "
+            f"{ci(_transfer_psr(white[DEFAULT_METHOD], 'dodge'))} %, black-box "
+            f"{ci(_transfer_psr(window, 'dodge'))} against {ci(_transfer_psr(default, 'dodge'))} %, at "
+            f"{looks(window)} against {looks(default)}")
+
+
 @figure("speed.demo")
 def _(r: Results) -> str:
     t = r.json("benchmarks/results/threads.json")
