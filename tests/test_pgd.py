@@ -60,6 +60,8 @@ def test_pgd_deterministic_with_seed(tiny_recognizers) -> None:
 
 
 def test_pgd_rejects_bad_parameters(tiny_recognizers) -> None:
+    with pytest.raises(ConfigError, match="window must be true or false"):  # "--param window=yes" is not a bool
+        METHODS["pgd"](tiny_recognizers, window="yes")
     with pytest.raises(ConfigError, match="no parameter"):
         METHODS["pgd"](tiny_recognizers, epsilon=0.1)
     with pytest.raises(ConfigError, match="eot"):

@@ -91,6 +91,8 @@ class PGDConfig:
             raise ConfigError(f"model_weighting must be mean, balanced or margin, got {self.model_weighting!r}")
         if self.projection not in ("box", "sparse"):
             raise ConfigError(f"projection must be box or sparse, got {self.projection!r}")
+        if not isinstance(self.window, bool):
+            raise ConfigError(f"window must be true or false, got {self.window!r}")
         if self.colour not in ("rgb", "luma"):
             raise ConfigError(f"colour must be rgb or luma, got {self.colour!r}")
         if self.ti_kernel and self.ti_kernel % 2 == 0:
