@@ -371,16 +371,38 @@ def _(r: Results) -> str:
     def de_of(row: dict[str, Any]) -> float:
         return float(row["modes"]["dodge"]["quality"]["delta_e_mean"])
 
-    pgd_rows = {n: row for n, row in r.json(TRANSFER)["rows"].items() if n in ("pgd-low", "pgd", "pgd-high")}
-    near = min(pgd_rows, key=lambda n: abs(de_of(pgd_rows[n]) - de_of(rows["fluxguard-high"])))
-    rows[near] = pgd_rows[near]
-    budget = {"pgd-low": "low", "pgd": "medium", "pgd-high": "high"}[near]
-    text = compare(lambda name, mode, far: _transfer_psr(rows[name], mode, far), "fluxguard-high", near,
-                   ("Flux-Guard", "PGD"), CELLS)
+    near, text = _against_nearest_pgd(r, "fluxguard-high", "Flux-Guard")
     return (f"at the `medium` budget Flux-Guard's mean CIEDE2000 is {de_of(rows['fluxguard']):.2f} against PGD's "
             f"{de_of(rows['pgd']):.2f}: its regenerated change stays well inside the per-pixel bound that PGD's sign "
             f"steps fill. At about equal visibility, Flux-Guard at `high` (CIEDE2000 "
-            f"{de_of(rows['fluxguard-high']):.2f}) against PGD at `{budget}` ({de_of(rows[near]):.2f}) gives {text}")
+            f"{de_of(rows['fluxguard-high']):.2f}) against PGD at `{near[0]}` ({near[1]:.2f}) gives {text}")
+
+
+def _against_nearest_pgd(r: Results, name: str, label: str) -> tuple[tuple[str, float], str]:
+    """Row ``name`` against the PGD budget row nearest to it in mean CIEDE2000: ((that budget, its CIEDE2000),
+    the comparison of their PSRs)."""
+    all_rows = r.json(TRANSFER)["rows"]
+    row = _transfer_row(r, name)
+
+    def de_of(x: dict[str, Any]) -> float:
+        return float(x["modes"]["dodge"]["quality"]["delta_e_mean"])
+
+    pgd_rows = {n: x for n, x in all_rows.items() if n in ("pgd-low", "pgd", "pgd-high")}
+    near = min(pgd_rows, key=lambda n: abs(de_of(pgd_rows[n]) - de_of(row)))
+    rows = {name: row, near: pgd_rows[near]}
+    budget = {"pgd-low": "low", "pgd": "medium", "pgd-high": "high"}[near]
+    text = compare(lambda n, mode, far: _transfer_psr(rows[n], mode, far), name, near, (label, "PGD"), CELLS)
+    return (budget, de_of(pgd_rows[near])), text
+
+
+@figure("transfer.wdp")
+def _(r: Results) -> str:
+    """WDP at its most visible budget against the PGD budget row of about the same visibility."""
+    row = _transfer_row(r, "wdp-high")
+    (budget, de), text = _against_nearest_pgd(r, "wdp-high", "WDP")
+    seconds = _transfer_row(r, "wdp")["modes"]["dodge"]["seconds_per_face"]
+    return (f"WDP at `high` (CIEDE2000 {row['modes']['dodge']['quality']['delta_e_mean']:.2f}) against PGD at "
+            f"`{budget}` ({de:.2f}) gives {text}; WDP takes {seconds:.0f} s a face at `medium`")
 
 
 @figure("transfer.identities")
