@@ -324,6 +324,11 @@ def _transfer_row(r: Results, name: str) -> dict[str, Any]:
     return rows[name]
 
 
+def _transfer_delta_e(row: dict[str, Any]) -> float:
+    """A transfer row's mean CIEDE2000 (dodging) over the face masks."""
+    return float(row["modes"]["dodge"]["quality"]["delta_e_mean"])
+
+
 def _transfer_psr(row: dict[str, Any], mode: str, far: str = "1e-2") -> RateInterval:
     return rate_interval(row["modes"][mode]["mean"][far] / 100, row["n_identities"])
 
@@ -366,16 +371,12 @@ def _(r: Results) -> str:
 def _(r: Results) -> str:
     """Flux-Guard spends less of a budget than PGD: compare Flux-Guard at `high` with the PGD budget row whose mean
     CIEDE2000 is nearest to it."""
-    rows = {n: _transfer_row(r, n) for n in ("fluxguard", "pgd", "fluxguard-high")}
-
-    def de_of(row: dict[str, Any]) -> float:
-        return float(row["modes"]["dodge"]["quality"]["delta_e_mean"])
-
+    de = {n: _transfer_delta_e(_transfer_row(r, n)) for n in ("fluxguard", "pgd", "fluxguard-high")}
     near, text = _against_nearest_pgd(r, "fluxguard-high", "Flux-Guard")
-    return (f"at the `medium` budget Flux-Guard's mean CIEDE2000 is {de_of(rows['fluxguard']):.2f} against PGD's "
-            f"{de_of(rows['pgd']):.2f}: its regenerated change stays well inside the per-pixel bound that PGD's sign "
+    return (f"at the `medium` budget Flux-Guard's mean CIEDE2000 is {de['fluxguard']:.2f} against PGD's "
+            f"{de['pgd']:.2f}: its regenerated change stays well inside the per-pixel bound that PGD's sign "
             f"steps fill. At about equal visibility, Flux-Guard at `high` (CIEDE2000 "
-            f"{de_of(rows['fluxguard-high']):.2f}) against PGD at `{near[0]}` ({near[1]:.2f}) gives {text}")
+            f"{de['fluxguard-high']:.2f}) against PGD at `{near[0]}` ({near[1]:.2f}) gives {text}")
 
 
 def _against_nearest_pgd(r: Results, name: str, label: str) -> tuple[tuple[str, float], str]:
@@ -383,16 +384,12 @@ def _against_nearest_pgd(r: Results, name: str, label: str) -> tuple[tuple[str, 
     the comparison of their PSRs)."""
     all_rows = r.json(TRANSFER)["rows"]
     row = _transfer_row(r, name)
-
-    def de_of(x: dict[str, Any]) -> float:
-        return float(x["modes"]["dodge"]["quality"]["delta_e_mean"])
-
     pgd_rows = {n: x for n, x in all_rows.items() if n in ("pgd-low", "pgd", "pgd-high")}
-    near = min(pgd_rows, key=lambda n: abs(de_of(pgd_rows[n]) - de_of(row)))
+    near = min(pgd_rows, key=lambda n: abs(_transfer_delta_e(pgd_rows[n]) - _transfer_delta_e(row)))
     rows = {name: row, near: pgd_rows[near]}
     budget = {"pgd-low": "low", "pgd": "medium", "pgd-high": "high"}[near]
     text = compare(lambda n, mode, far: _transfer_psr(rows[n], mode, far), name, near, (label, "PGD"), CELLS)
-    return (budget, de_of(pgd_rows[near])), text
+    return (budget, _transfer_delta_e(pgd_rows[near])), text
 
 
 @figure("transfer.wdp")
@@ -401,7 +398,7 @@ def _(r: Results) -> str:
     row = _transfer_row(r, "wdp-high")
     (budget, de), text = _against_nearest_pgd(r, "wdp-high", "WDP")
     seconds = _transfer_row(r, "wdp")["modes"]["dodge"]["seconds_per_face"]
-    return (f"WDP at `high` (CIEDE2000 {row['modes']['dodge']['quality']['delta_e_mean']:.2f}) against PGD at "
+    return (f"WDP at `high` (CIEDE2000 {_transfer_delta_e(row):.2f}) against PGD at "
             f"`{budget}` ({de:.2f}) gives {text}; WDP takes {seconds:.0f} s a face at `medium`")
 
 

@@ -200,13 +200,18 @@ def window_face(photo: torch.Tensor, landmarks: np.ndarray, size: int, margin: f
     return AlignedFace(crop=photo[:, ys][:, :, xs].clamp(0, 1), matrix=m, landmarks=lm)
 
 
-def _shift(matrix: torch.Tensor) -> tuple[int, int] | None:
-    """(x0, y0) when ``matrix`` is the integer shift of a :func:`window_face` (crop = photo[y0:, x0:]), else None."""
-    m = matrix.to(torch.float64)
+def _window_box(face: AlignedFace, h: int, w: int) -> tuple[tuple[slice, slice], tuple[slice, slice]] | None:
+    """For a :func:`window_face` (its matrix an integer shift) in an ``h`` x ``w`` photo: the (rows, cols) slices of
+    the photo it covers and the matching slices of the crop (empty where it lies outside); None for any other
+    crop, which must be warped."""
+    m = face.matrix.to(torch.float64)
     t = m[:, 2]
-    if torch.equal(m[:, :2], torch.eye(2, dtype=torch.float64)) and torch.equal(t, t.round()):
-        return -int(t[0]), -int(t[1])
-    return None
+    if not (torch.equal(m[:, :2], torch.eye(2, dtype=torch.float64)) and torch.equal(t, t.round())):
+        return None
+    x0, y0 = -int(t[0]), -int(t[1])
+    ya, yb, xa, xb = max(0, y0), min(h, y0 + face.size), max(0, x0), min(w, x0 + face.size)
+    yb, xb = max(ya, yb), max(xa, xb)
+    return (slice(ya, yb), slice(xa, xb)), (slice(ya - y0, yb - y0), slice(xa - x0, xb - x0))
 
 
 def move_to(image: torch.Tensor, src: AlignedFace, dst: AlignedFace) -> torch.Tensor:
@@ -264,17 +269,13 @@ def paste_back(photo: torch.Tensor, faces: list[AlignedFace], edited: list[torch
         else:
             mask = (masks[i].to(photo).reshape(1, 1, face.size, face.size) > 0).to(photo)
             delta = delta * mask
-        shift = _shift(face.matrix)
-        if shift is not None:  # a window: the change is copied, not resampled
-            x0, y0 = shift
-            ya, yb, xa, xb = max(0, y0), min(h, y0 + face.size), max(0, x0), min(w, x0 + face.size)
-            if yb <= ya or xb <= xa:
-                continue
-            d = delta[0, :, ya - y0 : yb - y0, xa - x0 : xb - x0]
-            m_w = mask[0, :, ya - y0 : yb - y0, xa - x0 : xb - x0]
+        box = _window_box(face, h, w)
+        if box is not None:  # a window: the change is copied, not resampled
+            (rows, cols), (crop_rows, crop_cols) = box
+            d, m_w = delta[0, :, crop_rows, crop_cols], mask[0, :, crop_rows, crop_cols]
             weight = m_w if masks is None else 1.0
-            patch = out[:, ya:yb, xa:xb]
-            out[:, ya:yb, xa:xb] = torch.where(m_w > 0, (patch + d * weight).clamp(0, 1), patch)
+            patch = out[:, rows, cols]
+            out[:, rows, cols] = torch.where(m_w > 0, (patch + d * weight).clamp(0, 1), patch)
             continue
         region = _region(face, h, w)
         if region is None:
@@ -294,13 +295,11 @@ def photo_mask(shape: tuple[int, int], faces: list[AlignedFace], masks: list[tor
     h, w = shape
     out = torch.zeros(h, w, dtype=torch.float32)
     for face, m in zip(faces, masks, strict=True):
-        shift = _shift(face.matrix)
-        if shift is not None:
-            x0, y0 = shift
-            ya, yb, xa, xb = max(0, y0), min(h, y0 + face.size), max(0, x0), min(w, x0 + face.size)
-            if yb > ya and xb > xa:
-                part = m.float().reshape(face.size, face.size)[ya - y0 : yb - y0, xa - x0 : xb - x0].clamp(0, 1)
-                out[ya:yb, xa:xb] = torch.maximum(out[ya:yb, xa:xb], part.cpu())
+        box = _window_box(face, h, w)
+        if box is not None:
+            (rows, cols), (crop_rows, crop_cols) = box
+            part = m.float().reshape(face.size, face.size)[crop_rows, crop_cols].clamp(0, 1)
+            out[rows, cols] = torch.maximum(out[rows, cols], part.cpu())
             continue
         region = _region(face, h, w)
         if region is None:
