@@ -52,7 +52,7 @@ ROWS: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "wdp": ("wdp", "medium", {}, "WDP on the lite models, medium budget"),
     "wdp-high": ("wdp", "high", {}, "WDP on the lite models, high budget"),
     # levers, each against its reference row: pgd-rgb for the R, G, B rows (measured before grey-level steps became
-    # the default), pgd for pgd-sparse, pgd-ti, pgd-dropout and pgd-spectrum, fluxguard for the fluxguard-* rows
+    # the default), pgd for the other pgd-* rows, fluxguard for the fluxguard-* rows
     "pgd-rgb": ("pgd", "medium", {"colour": "rgb"}, "sign steps on R, G and B separately"),
     "pgd-plain": ("pgd", "medium", {"colour": "rgb", "momentum": 0.0, "diversity_prob": 0.0},
                   "R, G, B; plain PGD: no momentum, no input diversity"),
@@ -76,6 +76,9 @@ ROWS: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "pgd-window": ("pgd", "medium", {"window": True},
                    "each face attacked in a window of the photo (an integer shift: nothing resampled between the "
                    "attack's view and the photo), not in an aligned crop"),
+    "pgd-feature": ("pgd", "medium", {"feature_weight": 1.0},
+                    "feature-level loss: each surrogate's middle-layer feature map pushed away from the clean face's "
+                    "(cosine, weight 1) besides its embedding"),
     "fluxguard-long": ("fluxguard", "medium", {"attack_start": 6, "adam_steps": 12},
                        "Flux-Guard, 4 attacked steps x 12 Adam iterations (48, against 20)"),
     "fluxguard-gain": ("fluxguard", "medium", {"change_gain": 3.0},

@@ -2,10 +2,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from conftest import TinyRecognizer
 
 from fluxguard.errors import ConfigError
 from fluxguard.losses.identity import IdentityLoss
 from fluxguard.methods import METHODS, Mode
+from fluxguard.recognition.augment import feature_dropout
 
 
 def _crops(seed: int = 0, n: int = 2, s: int = 64) -> torch.Tensor:
@@ -120,3 +123,46 @@ def test_pgd_margin_weighting_favours_the_narrow_model(tiny_recognizers, monkeyp
     assert float(loss.per_model(margin)[0].mean()) < float(loss.per_model(mean)[0].mean())
     with pytest.raises(ConfigError, match="model_weighting"):
         METHODS["pgd"](tiny_recognizers, model_weighting="max")
+
+
+
+class TappedTiny(TinyRecognizer):
+    """The tiny recognizer with its convolutions reporting the feature maps they read, as the zoo's models do."""
+
+    def embed_crop(self, crop: torch.Tensor) -> torch.Tensor:
+        conv1, relu1, conv2, relu2, *head = self.net
+        h = feature_dropout(relu1(conv1(crop * 2 - 1)))
+        h = feature_dropout(relu2(conv2(h)))
+        for layer in head:
+            h = layer(h)
+        return h
+
+
+def test_pgd_feature_level_loss_moves_the_middle_layer() -> None:
+    models = [TappedTiny(0), TappedTiny(1)]
+    x = _crops()
+    ones = torch.ones_like(x[:, :1])
+    kw = {"steps": 10, "crop_size": 64, "budget": "high", "diversity_prob": 0.0}
+    plain = METHODS["pgd"](models, **kw).protect_faces(x, masks=ones).crops
+    feat_pgd = METHODS["pgd"](models, feature_weight=4.0, feature_depth=0.0, **kw)
+    feat = feat_pgd.protect_faces(x, masks=ones).crops
+    assert ((feat - x).abs() <= feat_pgd.change_bound(x, ones) + 1e-6).all()
+    loss = IdentityLoss(models, x)
+    with torch.no_grad():
+        _, clean = loss.embeddings_and_features(x, None, 0.0)
+
+    def layer_cos(y: torch.Tensor) -> float:
+        with torch.no_grad():
+            _, f = loss.embeddings_and_features(y, None, 0.0)
+        pairs = zip(f, clean, strict=True)
+        return sum(float(F.cosine_similarity(a.flatten(1), b.flatten(1)).mean()) for a, b in pairs)
+
+    # the feature term pushes the first tapped layer further from the clean face's; the embedding still moves
+    assert layer_cos(feat) < layer_cos(plain)
+    assert float(loss(feat).mean()) < float(loss(x).mean())
+    with pytest.raises(ConfigError, match="feature_weight"):
+        METHODS["pgd"](models, feature_weight=-1.0)
+    with pytest.raises(ConfigError, match="feature_depth"):
+        METHODS["pgd"](models, feature_depth=1.5)
+    with pytest.raises(ValueError, match="no feature maps"):  # a model the attack cannot read inside
+        METHODS["pgd"]([TinyRecognizer(3)], feature_weight=1.0, **kw).protect_faces(x, masks=ones)

@@ -114,6 +114,28 @@ def test_dlib_dat_parser_matches_shipped_weights() -> None:
     assert float(cos) > 0.99999
 
 
+def test_feature_maps_of_every_model_are_recorded_only_inside_the_block(models: dict) -> None:
+    from fluxguard.losses.identity import IdentityLoss
+    from fluxguard.recognition.augment import record_feature_maps
+
+    face = package_faces()[0]
+    lm = torch.as_tensor(face.landmarks, dtype=torch.float64)
+    for name, m in models.items():
+        with torch.no_grad(), record_feature_maps() as maps:
+            emb = m(face.image, face.landmarks)
+        count = len(maps)
+        assert count >= 10, (name, count)  # every convolution's input, not just the last one
+        assert all(t.dim() == 4 and t.shape[0] == 1 for t in maps), name
+        with torch.no_grad():
+            m(face.image, face.landmarks)
+        assert len(maps) == count, name  # nothing recorded after the block
+        loss = IdentityLoss([m], face.image, landmarks=lm)
+        with torch.no_grad():
+            embs, feats = loss.embeddings_and_features(face.image, lm, depth=0.5)
+        torch.testing.assert_close(embs[0], emb, rtol=0, atol=0)  # recording changes nothing
+        assert torch.equal(feats[0], maps[round(0.5 * (count - 1))]), name
+
+
 def test_model_augmentation_thins_each_model_by_its_calibrated_rate_only_inside_the_block(models: dict) -> None:
     from fluxguard.recognition.augment import calibrate_dropout, model_augmentation
 

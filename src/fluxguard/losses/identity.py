@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fluxguard.faces.align import portrait_template
-from fluxguard.recognition.augment import model_augmentation
+from fluxguard.recognition.augment import model_augmentation, record_feature_maps
 from fluxguard.recognition.base import FaceRecognizer
 
 
@@ -87,18 +87,48 @@ class IdentityLoss(nn.Module):
 
         ``landmarks`` ((B, 5, 2) in ``images`` coordinates) overrides the fixed template, e.g. for input diversity.
         """
-        if landmarks is None:
-            if int(images.shape[-1]) != self.size:
-                raise ValueError(f"expected {self.size}px crops, got {tuple(images.shape)}")
-            landmarks = self.landmarks
+        lm = self._landmarks(images, landmarks)
+        return [self._embed_one(i, r, images, lm) for i, r in enumerate(self.recognizers)]
+
+    def embeddings_and_features(self, images: torch.Tensor, landmarks: torch.Tensor | None, depth: float,
+                                augment: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per model, the embeddings of ``images`` (as :meth:`embeddings`) and the (B, ...) feature map its
+        convolution at relative ``depth`` (0: the first a convolution reads, 1: the last) reads on the way.
+        ``augment=False`` evaluates the models themselves even when model augmentation is on."""
+        if not 0 <= depth <= 1:
+            raise ValueError(f"depth must be in [0, 1], got {depth}")
+        lm = self._landmarks(images, landmarks)
+        saved = self.augmentation
+        if not augment:
+            self.augmentation = None
+        try:
+            embs, feats = [], []
+            for i, r in enumerate(self.recognizers):
+                with record_feature_maps() as maps:
+                    embs.append(self._embed_one(i, r, images, lm))
+                if not maps:
+                    raise ValueError(f"{r.name} exposes no feature maps (its convolutions do not call "
+                                     "recognition.augment.feature_dropout)")
+                feats.append(maps[round(depth * (len(maps) - 1))])
+        finally:
+            self.augmentation = saved
+        return embs, feats
+
+    def _landmarks(self, images: torch.Tensor, landmarks: torch.Tensor | None) -> torch.Tensor:
+        if landmarks is not None:
+            return landmarks
+        if int(images.shape[-1]) != self.size:
+            raise ValueError(f"expected {self.size}px crops, got {tuple(images.shape)}")
+        return self.landmarks
+
+    def _embed_one(self, i: int, model: FaceRecognizer, images: torch.Tensor, landmarks: torch.Tensor
+                   ) -> torch.Tensor:
+        """Model ``i``'s embeddings, as a thinned copy when model augmentation is on."""
         if self.augmentation is None:
-            return [r(images, landmarks) for r in self.recognizers]
+            return model(images, landmarks)
         rates, gen = self.augmentation
-        out = []
-        for r, p in zip(self.recognizers, rates, strict=True):
-            with model_augmentation(p, gen):
-                out.append(r(images, landmarks))
-        return out
+        with model_augmentation(rates[i], gen):
+            return model(images, landmarks)
 
     def augment_models(self, rates: Sequence[float] | None, generator: torch.Generator | None = None) -> None:
         """From now on, evaluate each model as a randomly thinned copy (dropout rate ``rates[m]`` on the feature maps

@@ -10,7 +10,8 @@ With ``momentum=0, diversity_prob=0`` it is plain PGD (Madry et al. 2018); the d
 transfers to FR models that were not attacked. ``eot`` adds expectation over JPEG / resize (straight-through
 gradients), so the change survives what social networks do to photos. ``model_dropout`` thins the surrogates
 at random at every step (model augmentation, DFANet: Zhong & Deng 2020, arXiv 2004.05790); ``spectrum_rho``
-augments each step in the frequency domain (SSA, arXiv 2207.05382).
+augments each step in the frequency domain (SSA, arXiv 2207.05382); ``feature_weight`` adds a feature-level loss
+on a middle layer of each surrogate.
 """
 
 from __future__ import annotations
@@ -73,6 +74,12 @@ class PGDConfig:
     # spectrum augmentation (SSA, Long et al. 2022, arXiv 2207.05382, with the Fourier transform for the DCT): each
     # step sees the face plus Gaussian noise at the per-pixel bound, every frequency scaled by U(1-rho, 1+rho); 0 = off
     spectrum_rho: float = 0.0
+    # feature-level loss (FDA / FIA family: Ganeshan et al. 2019, Wang et al. 2021, arXiv 2107.14185): each model's
+    # term also gets feature_weight x the cosine between the feature map its convolution at relative depth
+    # feature_depth reads on the attacked face and on the clean face (seen through the same input transform), so the
+    # change disrupts a middle layer, which models share more than their embeddings. 0 = off
+    feature_weight: float = 0.0
+    feature_depth: float = 0.5
 
     def validate(self) -> None:
         if self.eps is not None and not 0 < self.eps <= 1:
@@ -83,6 +90,9 @@ class PGDConfig:
             raise ConfigError("diversity_prob must be in [0, 1]")
         if not 0 <= self.spectrum_rho < 1:
             raise ConfigError(f"spectrum_rho must be in [0, 1), got {self.spectrum_rho}")
+        if self.feature_weight < 0 or not 0 <= self.feature_depth <= 1:
+            raise ConfigError(f"feature_weight must be >= 0 and feature_depth in [0, 1], got {self.feature_weight}, "
+                              f"{self.feature_depth}")
         if not 0 <= self.model_dropout < 1:
             raise ConfigError(f"model_dropout must be 0 (off) or a share in (0, 1), got {self.model_dropout}")
         if self.target_views < 1 or self.source_weight < 0:
@@ -149,13 +159,14 @@ class PGD(ProtectionMethod):
         self.crop_size = self.config.crop_size
         self.window_crops = self.config.window and self.crop_size is None
 
-    def _diverse(self, x: torch.Tensor, base: torch.Tensor, gen: torch.Generator
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _diverse(self, x: torch.Tensor, base: torch.Tensor, gen: torch.Generator, clean: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """A random input transform: jittered landmarks (each FR crop moves/scales around the faces' ``base``
-        landmarks, (5, 2) or (B, 5, 2)) and a down-up resize."""
+        landmarks, (5, 2) or (B, 5, 2)) and a down-up resize; ``clean`` (the same faces unchanged) goes through the
+        same resize."""
         cfg = self.config
         if cfg.diversity_prob <= 0 or torch.rand((), generator=gen).item() >= cfg.diversity_prob:
-            return x, None
+            return x, None, clean
         b, _, s, _ = x.shape
         r = torch.rand((b, 4), generator=gen, dtype=torch.float64) * 2 - 1
         base = base.to(torch.float64).expand(b, 5, 2)
@@ -167,9 +178,26 @@ class PGD(ProtectionMethod):
         lm = (base - centre) @ (rot * scale[:, None, None]).transpose(1, 2) + centre + shift[:, None, :]
         low = int(s * (1 - cfg.diversity_scale * torch.rand((), generator=gen).item()))
         if low < s:
-            x = F.interpolate(F.interpolate(x, size=(low, low), mode="bilinear", antialias=True, align_corners=False),
-                              size=(s, s), mode="bilinear", align_corners=False)
-        return x, lm
+            def down_up(t: torch.Tensor) -> torch.Tensor:
+                t = F.interpolate(t, size=(low, low), mode="bilinear", antialias=True, align_corners=False)
+                return F.interpolate(t, size=(s, s), mode="bilinear", align_corners=False)
+
+            x = down_up(x)
+            clean = None if clean is None else down_up(clean)
+        return x, lm, clean
+
+    def _terms(self, loss_fn: IdentityLoss, x_in: torch.Tensor, lm: torch.Tensor | None,
+               clean_in: torch.Tensor | None) -> torch.Tensor:
+        """(M, B) per-model terms: the identity loss, plus the feature-level term when it is on."""
+        cfg = self.config
+        if cfg.feature_weight <= 0 or clean_in is None:
+            return loss_fn.per_model(x_in, lm)
+        embs, feats = loss_fn.embeddings_and_features(x_in, lm, cfg.feature_depth)
+        with torch.no_grad():
+            _, refs = loss_fn.embeddings_and_features(clean_in, lm, cfg.feature_depth, augment=False)
+        feature = torch.stack([F.cosine_similarity(f.flatten(1), r.flatten(1), dim=1) for f, r in zip(feats, refs,
+                                                                                                    strict=True)])
+        return loss_fn.terms(embs) + cfg.feature_weight * feature
 
     def _spectrum(self, x: torch.Tensor, bound: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """SSA's spectrum transform: noise at the bound, then each frequency of each channel scaled at random."""
@@ -234,16 +262,18 @@ class PGD(ProtectionMethod):
         for step in range(cfg.steps):
             delta = self._project(x0, delta, m, bound, sparse).requires_grad_(True)
             x = x0 + delta
-            x_in, lm = self._diverse(self._spectrum(self._eot(x, gen), bound, gen), loss_fn.landmarks, gen)
+            x_in, lm, clean_in = self._diverse(self._spectrum(self._eot(x, gen), bound, gen), loss_fn.landmarks, gen,
+                                               x0 if cfg.feature_weight > 0 else None)
+            per_model = self._terms(loss_fn, x_in, lm, clean_in)
             if cfg.model_weighting == "balanced":
-                terms = loss_fn.per_model(x_in, lm).sum(1)  # (M,)
+                terms = per_model.sum(1)  # (M,)
                 grad = torch.zeros_like(delta)
                 for i, t in enumerate(terms):
                     (g_m,) = torch.autograd.grad(t, delta, retain_graph=i < len(terms) - 1)
                     grad = grad + g_m / g_m.abs().mean().clamp_min(1e-12)
                 loss = terms.mean()
             else:
-                loss = (loss_fn.per_model(x_in, lm) / margins).mean(0).sum()
+                loss = (per_model / margins).mean(0).sum()
                 (grad,) = torch.autograd.grad(loss, delta)
             with torch.no_grad():
                 if cfg.colour == "luma":

@@ -1,4 +1,4 @@
-"""Model augmentation at attack time: random dropout on the feature maps every FR model's convolutions read.
+"""Attack-time access to the feature maps every FR model's convolutions read: model augmentation and taps.
 
 An attack that has to fool many randomly thinned copies of each surrogate cannot lean on a few of its units, and
 what it finds transfers better to models it never saw (DFANet: Zhong & Deng 2020, "Towards Transferable
@@ -6,7 +6,8 @@ Adversarial Attack against Deep Face Recognition", arXiv 2004.05790). The zoo's 
 :func:`feature_dropout` on each convolution's input feature map (inverted dropout where a layer reads its units; a
 zero in a layer's raw output, ahead of a normalisation, would be an outlier rather than a dropped unit). It is the
 identity unless an attack has entered :func:`model_augmentation`, so embeddings, thresholds and parity are
-untouched everywhere else.
+untouched everywhere else. The same hook lets an attack read the maps (:func:`record_feature_maps`) for
+feature-level losses, which move a middle layer rather than only the embedding.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from contextvars import ContextVar
 import torch
 
 _STATE: ContextVar[tuple[float, torch.Generator] | None] = ContextVar("fluxguard_feature_dropout", default=None)
+_TAP: ContextVar[list[torch.Tensor] | None] = ContextVar("fluxguard_feature_tap", default=None)
 
 
 @contextmanager
@@ -34,15 +36,31 @@ def model_augmentation(p: float, generator: torch.Generator) -> Iterator[None]:
         _STATE.reset(token)
 
 
+@contextmanager
+def record_feature_maps() -> Iterator[list[torch.Tensor]]:
+    """Inside the block, every feature map a convolution of the zoo reads (after any dropout) is appended, in the
+    order the model reads them, to the list the block gets."""
+    maps: list[torch.Tensor] = []
+    token = _TAP.set(maps)
+    try:
+        yield maps
+    finally:
+        _TAP.reset(token)
+
+
 def feature_dropout(x: torch.Tensor) -> torch.Tensor:
-    """``x`` with dropout applied when inside :func:`model_augmentation`, else ``x`` itself."""
+    """``x`` with dropout applied when inside :func:`model_augmentation`, else ``x`` itself (recorded when inside
+    :func:`record_feature_maps`)."""
     state = _STATE.get()
-    if state is None:
-        return x
-    p, gen = state
-    # drawn on the CPU generator, then moved: the same masks whatever the device or thread count
-    keep = torch.bernoulli(torch.full(x.shape, 1 - p), generator=gen).to(device=x.device, dtype=x.dtype)
-    return x * keep / (1 - p)
+    if state is not None:
+        p, gen = state
+        # drawn on the CPU generator, then moved: the same masks whatever the device or thread count
+        keep = torch.bernoulli(torch.full(x.shape, 1 - p), generator=gen).to(device=x.device, dtype=x.dtype)
+        x = x * keep / (1 - p)
+    tap = _TAP.get()
+    if tap is not None:
+        tap.append(x)
+    return x
 
 
 @torch.no_grad()
