@@ -166,3 +166,21 @@ def test_pgd_feature_level_loss_moves_the_middle_layer() -> None:
         METHODS["pgd"](models, feature_depth=1.5)
     with pytest.raises(ValueError, match="no feature maps"):  # a model the attack cannot read inside
         METHODS["pgd"]([TinyRecognizer(3)], feature_weight=1.0, **kw).protect_faces(x, masks=ones)
+
+
+def test_pgd_variance_tuning_keeps_the_budget_and_the_seed(tiny_recognizers) -> None:
+    m = METHODS["pgd"](tiny_recognizers, steps=4, crop_size=64, budget="high", variance_samples=3)
+    x = _crops()
+    ones = torch.ones_like(x[:, :1])
+    a = m.protect_faces(x, masks=ones, generator=torch.Generator().manual_seed(2)).crops
+    b = m.protect_faces(x, masks=ones, generator=torch.Generator().manual_seed(2)).crops
+    plain = METHODS["pgd"](tiny_recognizers, steps=4, crop_size=64, budget="high").protect_faces(
+        x, masks=ones, generator=torch.Generator().manual_seed(2)).crops
+    assert torch.equal(a, b) and not torch.equal(a, plain)  # the neighbourhood changes the path, deterministically
+    assert ((a - x).abs() <= m.change_bound(x, ones) + 1e-6).all()
+    loss = IdentityLoss(tiny_recognizers, x)
+    assert float(loss(a).mean()) < float(loss(x).mean())
+    with pytest.raises(ConfigError, match="variance_samples"):
+        METHODS["pgd"](tiny_recognizers, variance_samples=-1)
+    with pytest.raises(ConfigError, match="variance_radius"):
+        METHODS["pgd"](tiny_recognizers, variance_radius=0.0)

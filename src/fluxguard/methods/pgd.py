@@ -80,6 +80,11 @@ class PGDConfig:
     # change disrupts a middle layer, which models share more than their embeddings. 0 = off
     feature_weight: float = 0.0
     feature_depth: float = 0.5
+    # variance tuning (VMI-FGSM, Wang & He 2021, arXiv 2103.15571): each step's gradient is corrected by the mean
+    # gradient over variance_samples points within variance_radius x the per-pixel bound around the last one, which
+    # stabilises the direction; each sample costs one more gradient, so steps can drop to keep the time. 0 = off
+    variance_samples: int = 0
+    variance_radius: float = 1.5
 
     def validate(self) -> None:
         if self.eps is not None and not 0 < self.eps <= 1:
@@ -93,6 +98,9 @@ class PGDConfig:
         if self.feature_weight < 0 or not 0 <= self.feature_depth <= 1:
             raise ConfigError(f"feature_weight must be >= 0 and feature_depth in [0, 1], got {self.feature_weight}, "
                               f"{self.feature_depth}")
+        if self.variance_samples < 0 or self.variance_radius <= 0:
+            raise ConfigError(f"variance_samples must be >= 0 and variance_radius > 0, got {self.variance_samples}, "
+                              f"{self.variance_radius}")
         if not 0 <= self.model_dropout < 1:
             raise ConfigError(f"model_dropout must be 0 (off) or a share in (0, 1), got {self.model_dropout}")
         if self.target_views < 1 or self.source_weight < 0:
@@ -259,22 +267,13 @@ class PGD(ProtectionMethod):
         g = torch.zeros_like(x0)
         kernel = _gaussian_kernel(cfg.ti_kernel, x0.device) if cfg.ti_kernel else None
         history: list[dict[str, float]] = []
+        variance = torch.zeros_like(x0)
         for step in range(cfg.steps):
-            delta = self._project(x0, delta, m, bound, sparse).requires_grad_(True)
-            x = x0 + delta
-            x_in, lm, clean_in = self._diverse(self._spectrum(self._eot(x, gen), bound, gen), loss_fn.landmarks, gen,
-                                               x0 if cfg.feature_weight > 0 else None)
-            per_model = self._terms(loss_fn, x_in, lm, clean_in)
-            if cfg.model_weighting == "balanced":
-                terms = per_model.sum(1)  # (M,)
-                grad = torch.zeros_like(delta)
-                for i, t in enumerate(terms):
-                    (g_m,) = torch.autograd.grad(t, delta, retain_graph=i < len(terms) - 1)
-                    grad = grad + g_m / g_m.abs().mean().clamp_min(1e-12)
-                loss = terms.mean()
-            else:
-                loss = (per_model / margins).mean(0).sum()
-                (grad,) = torch.autograd.grad(loss, delta)
+            delta = self._project(x0, delta, m, bound, sparse)
+            loss, grad = self._loss_grad(x0 + delta, x0, loss_fn, bound, margins, gen)
+            if cfg.variance_samples:  # VMI: this step's gradient plus the last step's variance term
+                grad, variance = grad + variance, self._neighbourhood_grad(x0 + delta, x0, loss_fn, bound, margins,
+                                                                         gen) - grad
             with torch.no_grad():
                 if cfg.colour == "luma":
                     grad = grad.sum(1, keepdim=True).expand_as(grad)
@@ -294,6 +293,36 @@ class PGD(ProtectionMethod):
                 progress("attack", step + 1, cfg.steps)
         out = (x0 + self._project(x0, delta.detach(), m, bound, sparse)).clamp(0, 1)
         return MethodResult(crops=out, history=history, info={"linf": float((out - x0).abs().max())}, masks=m)
+
+    def _loss_grad(self, x: torch.Tensor, x0: torch.Tensor, loss_fn: IdentityLoss, bound: torch.Tensor,
+                   margins: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ensemble loss at ``x`` (through this step's random input transforms) and its gradient."""
+        cfg = self.config
+        x = x.detach().requires_grad_(True)
+        x_in, lm, clean_in = self._diverse(self._spectrum(self._eot(x, gen), bound, gen), loss_fn.landmarks, gen,
+                                           x0 if cfg.feature_weight > 0 else None)
+        per_model = self._terms(loss_fn, x_in, lm, clean_in)
+        if cfg.model_weighting == "balanced":
+            terms = per_model.sum(1)  # (M,)
+            grad = torch.zeros_like(x)
+            for i, t in enumerate(terms):
+                (g_m,) = torch.autograd.grad(t, x, retain_graph=i < len(terms) - 1)
+                grad = grad + g_m / g_m.abs().mean().clamp_min(1e-12)
+            return terms.mean().detach(), grad
+        loss = (per_model / margins).mean(0).sum()
+        (grad,) = torch.autograd.grad(loss, x)
+        return loss.detach(), grad
+
+    def _neighbourhood_grad(self, x: torch.Tensor, x0: torch.Tensor, loss_fn: IdentityLoss, bound: torch.Tensor,
+                            margins: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """VMI's mean gradient over ``variance_samples`` points drawn uniformly within ``variance_radius`` x the
+        per-pixel bound around ``x``."""
+        cfg = self.config
+        total = torch.zeros_like(x)
+        for _ in range(cfg.variance_samples):
+            r = (torch.rand(x.shape, generator=gen) * 2 - 1).to(x) * cfg.variance_radius * bound
+            total = total + self._loss_grad(x + r, x0, loss_fn, bound, margins, gen)[1]
+        return total / cfg.variance_samples
 
     @staticmethod
     def _project(x0: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor, bound: torch.Tensor,
