@@ -79,9 +79,14 @@ ROWS: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "pgd-feature": ("pgd", "medium", {"feature_weight": 1.0},
                     "feature-level loss: each surrogate's middle-layer feature map pushed away from the clean face's "
                     "(cosine, weight 1) besides its embedding"),
+    "pgd-feature-strong": ("pgd", "medium", {"feature_weight": 10.0},
+                           "feature-level loss at weight 10: the middle layer's term leads the embedding's"),
     "pgd-vmi": ("pgd", "medium", {"steps": 20, "step_size": 1.5 / 255, "variance_samples": 2},
                 "variance tuning (VMI-FGSM): 20 steps of 1.5 grey levels, each corrected by 2 gradients drawn within "
                 "1.5 x the bound (60 gradients, against 50)"),
+    "pgd-vmi-long": ("pgd", "medium", {"variance_samples": 4},
+                     "variance tuning on the default's 50 steps of 1 grey level, 4 samples a step (250 gradients: "
+                     "5 x the time)"),
     "fluxguard-long": ("fluxguard", "medium", {"attack_start": 6, "adam_steps": 12},
                        "Flux-Guard, 4 attacked steps x 12 Adam iterations (48, against 20)"),
     "fluxguard-gain": ("fluxguard", "medium", {"change_gain": 3.0},
