@@ -91,6 +91,8 @@ def test_files_folders_globs_names_formats_and_summary(tmp_path: Path, faces) ->
     sim = e["faces"][0]["similarity"]["mobileface"]
     assert sim["before"] == pytest.approx(1.0, abs=1e-3) and sim["after"] < sim["before"] and sim["attacked"]
     assert len(e["faces"][0]["landmarks"]) == 5 and e["timings"]["total"] > 0
+    # two steps leave every face matched, and the console says so rather than letting the numbers imply protection
+    assert "4 of 4 faces are still matched to their unprotected photo" in " ".join(text.split())
 
 
 def test_recursive_mirrors_subfolders_and_skips_its_own_output(tmp_path: Path, faces) -> None:

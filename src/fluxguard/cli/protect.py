@@ -241,12 +241,21 @@ def _method_notes(protector: Any) -> list[str]:
     return []
 
 
+def _matched_by(similarity: dict[str, dict[str, Any]]) -> list[str] | None:
+    """The FR models that match the protected face to the reference (the unprotected face when dodging, the target
+    when impersonating) at FAR 1e-2; None when a model has no calibrated threshold."""
+    if any(s.get("threshold_far_1e-2") is None for s in similarity.values()):
+        return None
+    return [m for m, s in similarity.items() if s["after"] >= s["threshold_far_1e-2"]]
+
+
 def _print_table(record: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"fluxguard protect — {record['method']} ({record['mode']})", title_justify="left")
     for col in ("photo", "status", "faces", "FR similarity before → after (attacked*)", "seconds"):
         table.add_column(col)
+    faces_seen = faces_matched = 0
     for e in record["photos"]:
         if e["status"] == "protected":
             seconds = f"{e['timings']['total']:.1f}"
@@ -256,7 +265,11 @@ def _print_table(record: dict) -> None:
         for i, f in enumerate(e.get("faces", [])):
             parts = [f"{m}{'*' if s['attacked'] else ''} {s['before']:.2f}→{s['after']:.2f}"
                      for m, s in f["similarity"].items()]
-            sims.append(f"#{i + 1}: " + ", ".join(parts))
+            matched = _matched_by(f["similarity"])
+            verdict = f"; matched by {len(matched)} of {len(f['similarity'])}" if matched is not None else ""
+            sims.append(f"#{i + 1}: " + ", ".join(parts) + verdict)
+            faces_seen += 1
+            faces_matched += bool(matched)
         table.add_row(
             escape(os.path.basename(e["input"])),
             e["status"],
@@ -265,6 +278,10 @@ def _print_table(record: dict) -> None:
             seconds,
         )
     console.print(table)
+    if faces_matched and record["mode"] == "dodge":
+        console.print(f"[yellow]note:[/] {faces_matched} of {faces_seen} faces are still matched to their unprotected "
+                      "photo by at least one FR model at FAR 1e-2 (the budget bounds how much a face may change); "
+                      "--strength high changes more, and shows on a close look.")
     c = record["counts"]
     console.print(f"{c['protected']} protected, {c['skipped']} already done by an earlier run, {c['no_face']} "
                   f"without a face, {c['unreadable']} unreadable, {c['failed']} failed.")
