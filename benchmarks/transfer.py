@@ -51,6 +51,14 @@ ROWS: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "wdp-low": ("wdp", "low", {}, "WDP on the lite models, low budget"),
     "wdp": ("wdp", "medium", {}, "WDP on the lite models, medium budget"),
     "wdp-high": ("wdp", "high", {}, "WDP on the lite models, high budget"),
+    # past the presets, to show how much visibility a goal would cost: high's per-pixel scales x1.5 and x2 (caps
+    # raised with them so the scales bind, as at the presets)
+    "pgd-high-x1.5": ("pgd", "high", {"budget": {"name": "high x1.5", "smooth_scale": 1.5, "texture_scale": 6.0,
+                                                 "max_delta_e": 4.5, "max_visible": 1.0}},
+                      "PGD past the presets: high's per-pixel scales x1.5 (+ JPEG EOT)"),
+    "pgd-high-x2": ("pgd", "high", {"budget": {"name": "high x2", "smooth_scale": 2.0, "texture_scale": 8.0,
+                                               "max_delta_e": 6.0, "max_visible": 1.0}},
+                    "PGD past the presets: high's per-pixel scales x2 (+ JPEG EOT)"),
     # levers, each against its reference row: pgd-rgb for the R, G, B rows (measured before grey-level steps became
     # the default), pgd for the other pgd-* rows, fluxguard for the fluxguard-* rows
     "pgd-rgb": ("pgd", "medium", {"colour": "rgb"}, "sign steps on R, G and B separately"),

@@ -520,6 +520,20 @@ def _(r: Results) -> str:
             f"{ci(_transfer_psr_on(default, ids, 'impersonate'))} % on the same {len(ids)} identities: within noise")
 
 
+@figure("transfer.budget_curve")
+def _(r: Results) -> str:
+    """Dodging PSR of PGD at each budget, the presets and past them, with what each looks like."""
+    rows = {"pgd-low": "`low`", "pgd": "`medium`", "pgd-high": "`high`", "pgd-high-x1.5": "high's scales x1.5",
+            "pgd-high-x2": "high's scales x2"}
+    said = []
+    for name, label in rows.items():
+        row = _transfer_row(r, name)
+        q = row["modes"]["dodge"]["quality"]
+        said.append(f"{label} {ci(_transfer_psr(row, 'dodge'))} % (CIEDE2000 {q['delta_e_mean']:.2f}, "
+                    f"{pct(q['visible'])} % visible)")
+    return "; ".join(said)
+
+
 @figure("speed.demo")
 def _(r: Results) -> str:
     t = r.json("benchmarks/results/threads.json")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -81,6 +83,10 @@ def test_budgets_are_ordered_and_checked() -> None:
         get_budget("huge")
     with pytest.raises(ConfigError, match="invalid"):
         VisibilityBudget("bad", 0, 1, 1, 0.5)
+    # a budget from its fields, as a method's params() records it: the same budget back, and a clear error otherwise
+    assert get_budget(dataclasses.asdict(BUDGETS["high"])) == BUDGETS["high"]
+    with pytest.raises(ConfigError, match="needs the fields"):
+        get_budget({"name": "mine", "smooth_scale": 1.0})
 
 
 def test_projection_keeps_the_colour_difference_and_visible_caps(astronaut: np.ndarray) -> None:

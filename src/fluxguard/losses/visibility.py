@@ -23,7 +23,9 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -169,10 +171,17 @@ BUDGETS: dict[str, VisibilityBudget] = {
 }
 
 
-def get_budget(budget: str | VisibilityBudget | None) -> VisibilityBudget:
-    """A :data:`BUDGETS` entry by name (``None``: ``medium``), or the budget itself."""
+def get_budget(budget: str | VisibilityBudget | Mapping[str, Any] | None) -> VisibilityBudget:
+    """A :data:`BUDGETS` entry by name (``None``: ``medium``), the budget itself, or a budget from its fields (as a
+    method's ``params()`` records it)."""
     if isinstance(budget, VisibilityBudget):
         return budget
+    if isinstance(budget, Mapping):
+        try:
+            return VisibilityBudget(**budget)
+        except TypeError as e:
+            raise ConfigError(f"a visibility budget needs the fields name, smooth_scale, texture_scale, max_delta_e "
+                              f"and max_visible: {e}") from None
     name = "medium" if budget is None else str(budget)
     if name not in BUDGETS:
         raise ConfigError(f"unknown visibility budget {name!r}; valid: {', '.join(BUDGETS)}")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar
@@ -69,7 +69,7 @@ class ProtectionMethod(ABC):
     Args:
         recognizers: the attack ensemble (white-box FR models); black-box judges are never passed here.
         mode: dodging or impersonation.
-        budget: visibility budget name or object (default ``medium``).
+        budget: visibility budget: a name, the object or its fields (default ``medium``).
         config: a ``config_class`` instance (default: its defaults); ``overrides`` are applied on top.
     """
 
@@ -83,7 +83,8 @@ class ProtectionMethod(ABC):
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, recognizers: Sequence[FaceRecognizer], *, mode: Mode | str = Mode.DODGE,
-                 budget: str | VisibilityBudget | None = None, config: Any = None, **overrides: Any) -> None:
+                 budget: str | VisibilityBudget | Mapping[str, Any] | None = None, config: Any = None,
+                 **overrides: Any) -> None:
         if not recognizers:
             raise ValueError("a protection method needs at least one FR model to attack")
         self.recognizers = list(recognizers)
