@@ -59,6 +59,12 @@ ROWS: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "pgd-high-x2": ("pgd", "high", {"budget": {"name": "high x2", "smooth_scale": 2.0, "texture_scale": 8.0,
                                                "max_delta_e": 6.0, "max_visible": 1.0}},
                     "PGD past the presets: high's per-pixel scales x2 (+ JPEG EOT)"),
+    "pgd-high-smooth": ("pgd", "high", {"budget": {"name": "high, smooth x1.5", "smooth_scale": 1.5,
+                                                   "texture_scale": 4.0, "max_delta_e": 4.5, "max_visible": 1.0}},
+                        "PGD past the presets: high with only its smooth-skin scale x1.5 (+ JPEG EOT)"),
+    "pgd-high-texture": ("pgd", "high", {"budget": {"name": "high, texture x1.5", "smooth_scale": 1.0,
+                                                    "texture_scale": 6.0, "max_delta_e": 4.5, "max_visible": 1.0}},
+                         "PGD past the presets: high with only its texture scale x1.5 (+ JPEG EOT)"),
     # levers, each against its reference row: pgd-rgb for the R, G, B rows (measured before grey-level steps became
     # the default), pgd for the other pgd-* rows, fluxguard for the fluxguard-* rows
     "pgd-rgb": ("pgd", "medium", {"colour": "rgb"}, "sign steps on R, G and B separately"),

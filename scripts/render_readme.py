@@ -523,8 +523,10 @@ def _(r: Results) -> str:
 @figure("transfer.budget_curve")
 def _(r: Results) -> str:
     """Dodging PSR of PGD at each budget, the presets and past them, with what each looks like."""
-    rows = {"pgd-low": "`low`", "pgd": "`medium`", "pgd-high": "`high`", "pgd-high-x1.5": "high's scales x1.5",
-            "pgd-high-x2": "high's scales x2"}
+    rows = {"pgd-low": "`low`", "pgd": "`medium`", "pgd-high": "`high`",
+            "pgd-high-texture": "high with its texture scale x1.5",
+            "pgd-high-smooth": "with its smooth-skin scale x1.5",
+            "pgd-high-x1.5": "with both x1.5", "pgd-high-x2": "with both x2"}
     said = []
     for name, label in rows.items():
         row = _transfer_row(r, name)
