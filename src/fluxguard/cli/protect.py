@@ -243,10 +243,13 @@ def _method_notes(protector: Any) -> list[str]:
 
 def _matched_by(similarity: dict[str, dict[str, Any]]) -> list[str] | None:
     """The FR models that match the protected face to the reference (the unprotected face when dodging, the target
-    when impersonating) at FAR 1e-2; None when a model has no calibrated threshold."""
+    when impersonating) at FAR 1e-2, by the benchmarks' rule (a match is a similarity not below the threshold);
+    None when a model has no calibrated threshold."""
+    from fluxguard.eval.psr import success
+
     if any(s.get("threshold_far_1e-2") is None for s in similarity.values()):
         return None
-    return [m for m, s in similarity.items() if s["after"] >= s["threshold_far_1e-2"]]
+    return [m for m, s in similarity.items() if not success(s["after"], s["threshold_far_1e-2"], "dodge")]
 
 
 def _print_table(record: dict) -> None:

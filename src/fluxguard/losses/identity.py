@@ -98,20 +98,14 @@ class IdentityLoss(nn.Module):
         if not 0 <= depth <= 1:
             raise ValueError(f"depth must be in [0, 1], got {depth}")
         lm = self._landmarks(images, landmarks)
-        saved = self.augmentation
-        if not augment:
-            self.augmentation = None
-        try:
-            embs, feats = [], []
-            for i, r in enumerate(self.recognizers):
-                with record_feature_maps() as maps:
-                    embs.append(self._embed_one(i, r, images, lm))
-                if not maps:
-                    raise ValueError(f"{r.name} exposes no feature maps (its convolutions do not call "
-                                     "recognition.augment.feature_dropout)")
-                feats.append(maps[round(depth * (len(maps) - 1))])
-        finally:
-            self.augmentation = saved
+        embs, feats = [], []
+        for i, r in enumerate(self.recognizers):
+            with record_feature_maps() as maps:
+                embs.append(self._embed_one(i, r, images, lm, augment))
+            if not maps:
+                raise ValueError(f"{r.name} exposes no feature maps (its convolutions do not call "
+                                 "recognition.augment.feature_dropout)")
+            feats.append(maps[round(depth * (len(maps) - 1))])
         return embs, feats
 
     def _landmarks(self, images: torch.Tensor, landmarks: torch.Tensor | None) -> torch.Tensor:
@@ -121,10 +115,10 @@ class IdentityLoss(nn.Module):
             raise ValueError(f"expected {self.size}px crops, got {tuple(images.shape)}")
         return self.landmarks
 
-    def _embed_one(self, i: int, model: FaceRecognizer, images: torch.Tensor, landmarks: torch.Tensor
-                   ) -> torch.Tensor:
-        """Model ``i``'s embeddings, as a thinned copy when model augmentation is on."""
-        if self.augmentation is None:
+    def _embed_one(self, i: int, model: FaceRecognizer, images: torch.Tensor, landmarks: torch.Tensor,
+                   augment: bool = True) -> torch.Tensor:
+        """Model ``i``'s embeddings, as a thinned copy when model augmentation is on (and ``augment``)."""
+        if self.augmentation is None or not augment:
             return model(images, landmarks)
         rates, gen = self.augmentation
         with model_augmentation(rates[i], gen):

@@ -196,9 +196,10 @@ class PGD(ProtectionMethod):
 
     def _terms(self, loss_fn: IdentityLoss, x_in: torch.Tensor, lm: torch.Tensor | None,
                clean_in: torch.Tensor | None) -> torch.Tensor:
-        """(M, B) per-model terms: the identity loss, plus the feature-level term when it is on."""
+        """(M, B) per-model terms: the identity loss, plus the feature-level term when it is on (``clean_in``, the
+        clean faces through the same transform, is given only then)."""
         cfg = self.config
-        if cfg.feature_weight <= 0 or clean_in is None:
+        if clean_in is None:
             return loss_fn.per_model(x_in, lm)
         embs, feats = loss_fn.embeddings_and_features(x_in, lm, cfg.feature_depth)
         with torch.no_grad():
@@ -270,10 +271,10 @@ class PGD(ProtectionMethod):
         variance = torch.zeros_like(x0)
         for step in range(cfg.steps):
             delta = self._project(x0, delta, m, bound, sparse)
-            loss, grad = self._loss_grad(x0 + delta, x0, loss_fn, bound, margins, gen)
+            x = x0 + delta
+            loss, grad = self._loss_grad(x, x0, loss_fn, bound, margins, gen)
             if cfg.variance_samples:  # VMI: this step's gradient plus the last step's variance term
-                grad, variance = grad + variance, self._neighbourhood_grad(x0 + delta, x0, loss_fn, bound, margins,
-                                                                         gen) - grad
+                grad, variance = grad + variance, self._neighbourhood_grad(x, x0, loss_fn, bound, margins, gen) - grad
             with torch.no_grad():
                 if cfg.colour == "luma":
                     grad = grad.sum(1, keepdim=True).expand_as(grad)
